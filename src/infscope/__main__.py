@@ -1,0 +1,5 @@
+"""``python -m infscope`` runs the CLI."""
+
+from infscope.cli import run
+
+run()
