@@ -59,7 +59,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented, key-sorted JSON (stable bytes for equal content)."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n")
+    return atomic_write_text(
+        path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n"
+    )
 
 
 def ensure_writable_dir(path: str | os.PathLike) -> Path:
@@ -67,8 +69,8 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     directory = Path(path)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=directory, prefix=".write-probe-", delete=True)
-        probe.close()
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-probe-", delete=True):
+            pass
     except OSError as exc:
         raise InfscopeError(
             f"output directory {directory} is not writable ({exc.strerror or exc}); pass a writable --out"
