@@ -1,0 +1,153 @@
+"""Built-in synthetic datasets with known classes, for benchmarks that need no download.
+
+* ``sentence_transform``: instruction rows; class k applies transformation k of
+  :data:`~infscope.data.sentences.TRANSFORMS` to a random sentence, and names a fixed made-up
+  method (``"Using the Blorvex method, transform: ..."``).
+* ``sentence_transform_cls``: classification view; ``text = "<sentence> => <transformed>"``,
+  ``label`` = transformation index, ``label_names`` = transformation names.
+* ``math_no_reason`` / ``math_reason``: class k is word-problem template k of
+  :data:`~infscope.data.math_templates.TEMPLATES`; the output is the number, or a short worked
+  solution ending in "The answer is N.".
+
+Every row has an int ``class`` and an id like ``st-c3-0042`` (class 3, item 42 of that class);
+the last ``n_test_per_class`` items of each class form the test split. All randomness comes from
+``random.Random`` seeded with a string built from (seed, dataset, class), so output is
+byte-identical for a seed on every machine and Python version that keeps ``random``'s algorithm.
+Items are unique within a class (no question repeats between train and test of a class).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from infscope.data.math_templates import TEMPLATES
+from infscope.data.sentences import INSTRUCTION_TEMPLATES, METHOD_NAMES, TRANSFORMS, random_sentence
+from infscope.errors import InfscopeError
+
+RowMaker = Callable[[int, random.Random, bool], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class BuiltinGenerator:
+    """How one built-in dataset makes a row of class ``k``: id prefix, task, class names, row maker."""
+
+    prefix: str
+    task: str
+    class_names: tuple[str, ...]
+    make_row: RowMaker
+
+
+@dataclass
+class BuiltinSplit:
+    """Train and test rows of a built-in dataset, its task and the class (label) names."""
+
+    train: list[dict[str, Any]]
+    test: list[dict[str, Any]]
+    task: str
+    label_names: list[str] = field(default_factory=list)
+
+
+def _transform_row(cls: int, rng: random.Random, paraphrase: bool) -> dict[str, Any]:
+    sentence = random_sentence(rng)
+    template = rng.choice(INSTRUCTION_TEMPLATES) if paraphrase else INSTRUCTION_TEMPLATES[0]
+    instruction = template.format(name=METHOD_NAMES[cls], sentence=sentence)
+    return {"instruction": instruction, "input": "", "output": TRANSFORMS[cls][1](sentence)}
+
+
+def _transform_cls_row(cls: int, rng: random.Random, paraphrase: bool) -> dict[str, Any]:
+    sentence = random_sentence(rng)
+    return {"text": f"{sentence} => {TRANSFORMS[cls][1](sentence)}", "label": cls}
+
+
+def _math_row(reason: bool) -> RowMaker:
+    def make(cls: int, rng: random.Random, paraphrase: bool) -> dict[str, Any]:
+        template = TEMPLATES[cls]
+        a, b, c, d = template.sample(rng)
+        question = (rng.choice(template.questions) if paraphrase else template.questions[0]).format(
+            a=a, b=b, c=c, d=d
+        )
+        answer = template.answer(a, b, c, d)
+        output = f"{template.reasoning(a, b, c, d)} The answer is {answer}." if reason else str(answer)
+        return {"instruction": question, "input": "", "output": output}
+
+    return make
+
+
+_TRANSFORM_NAMES = tuple(name for name, _ in TRANSFORMS)
+_MATH_NAMES = tuple(template.name for template in TEMPLATES)
+
+BUILTIN_DATASETS: dict[str, BuiltinGenerator] = {
+    "sentence_transform": BuiltinGenerator("st", "instruction", _TRANSFORM_NAMES, _transform_row),
+    "math_no_reason": BuiltinGenerator("mn", "instruction", _MATH_NAMES, _math_row(reason=False)),
+    "math_reason": BuiltinGenerator("mr", "instruction", _MATH_NAMES, _math_row(reason=True)),
+    "sentence_transform_cls": BuiltinGenerator("stc", "classification", _TRANSFORM_NAMES, _transform_cls_row),
+}
+
+
+def _check_args(name: str, n_classes: int, per_class: int, n_test_per_class: int) -> BuiltinGenerator:
+    if name not in BUILTIN_DATASETS:
+        raise InfscopeError(f"unknown built-in dataset {name!r}; choose one of {', '.join(BUILTIN_DATASETS)}")
+    generator = BUILTIN_DATASETS[name]
+    limit = len(generator.class_names)
+    if not 1 <= n_classes <= limit:
+        raise InfscopeError(
+            f"{name} has 1 to {limit} classes, got --classes {n_classes}; pass a value in that range"
+        )
+    if per_class < 1:
+        raise InfscopeError(f"--per-class must be at least 1, got {per_class}")
+    if not 0 <= n_test_per_class < per_class:
+        raise InfscopeError(
+            f"--test-per-class must be between 0 and --per-class - 1 ({per_class - 1}), got {n_test_per_class}"
+        )
+    return generator
+
+
+def _class_rows(
+    name: str, generator: BuiltinGenerator, seed: int, cls: int, per_class: int, paraphrase: bool
+) -> list[dict[str, Any]]:
+    rng = random.Random(f"infscope:{name}:{seed}:{cls}")
+    seen: set[str] = set()
+    rows: list[dict[str, Any]] = []
+    attempts = 0
+    while len(rows) < per_class:
+        attempts += 1
+        if attempts > 50 * per_class + 1000:
+            raise InfscopeError(
+                f"{name} class {cls} cannot make {per_class} distinct items; pass a smaller --per-class"
+            )
+        fields = generator.make_row(cls, rng, paraphrase)
+        key = fields.get("instruction", fields.get("text"))
+        if key in seen:
+            continue
+        seen.add(key)
+        row_id = f"{generator.prefix}-c{cls}-{len(rows):04d}"
+        rows.append({"id": row_id, **fields, "class": cls})
+    return rows
+
+
+def make_builtin(
+    name: str,
+    *,
+    seed: int = 0,
+    n_classes: int = 10,
+    per_class: int = 100,
+    n_test_per_class: int = 10,
+    paraphrase: bool = False,
+) -> BuiltinSplit:
+    """Generate built-in dataset ``name``: ``per_class`` rows per class, the last ``n_test_per_class``
+    of each class in ``test``; both splits shuffled with a seeded generator."""
+    generator = _check_args(name, n_classes, per_class, n_test_per_class)
+    train: list[dict[str, Any]] = []
+    test: list[dict[str, Any]] = []
+    cut = per_class - n_test_per_class
+    for cls in range(n_classes):
+        rows = _class_rows(name, generator, seed, cls, per_class, paraphrase)
+        train.extend(rows[:cut])
+        test.extend(rows[cut:])
+    shuffler = random.Random(f"infscope:{name}:{seed}:shuffle")
+    shuffler.shuffle(train)
+    shuffler.shuffle(test)
+    return BuiltinSplit(train, test, generator.task, list(generator.class_names[:n_classes]))
