@@ -1,0 +1,226 @@
+"""``infscope demo``, ``infscope score`` and ``infscope evaluate``: thin layers over the pipeline.
+
+``demo`` runs every stage on the embedded default (built-in data, 20 % noise, SmolLM2-135M with
+LoRA). ``score`` scores the training rows of a fine-tuned run with chosen methods; ``evaluate``
+measures how well the saved scores find the noise recorded in the manifest (one run, or several
+seeds with mean and 95 % interval).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from infscope.cli import app, console
+from infscope.errors import InfscopeError
+
+
+def _print_leaderboard(rows: list[dict], title: str) -> None:
+    from infscope.evaluate.aggregate import leaderboard, render_leaderboard
+
+    if not rows:
+        console.print("no noisy rows in the manifest: nothing to detect (attribution runs only)")
+        return
+    render_leaderboard(leaderboard(rows), console, title=title)
+
+
+def _print_families(evaluation: dict, column: str = "family") -> None:
+    detection = evaluation.get("detection", {})
+    if not detection:
+        return
+    groups = sorted({g for report in detection.values() for g in report.get("by", {}).get(column, {})})
+    if not groups:
+        return
+    table = Table(title=f"AUROC per noise {column} (noisy rows of the {column} vs all clean rows)")
+    table.add_column("method")
+    for group in groups:
+        table.add_column(str(group), justify="right")
+    for method, report in detection.items():
+        cells = []
+        for group in groups:
+            value = report.get("by", {}).get(column, {}).get(group, {}).get("auroc")
+            n = report.get("by", {}).get(column, {}).get(group, {}).get("n_noisy")
+            cells.append("-" if value is None else f"{value:.3f} (n={n})")
+        table.add_row(method, *cells)
+    console.print(table)
+
+
+def _print_stages(stages: dict) -> None:
+    table = Table(title="time and peak memory per stage")
+    for column in ("stage", "seconds", "peak RSS (MB)"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for name, record in stages.items():
+        table.add_row(name, f"{record['seconds']:.1f}", f"{record['peak_rss_mb']:.0f}")
+    console.print(table)
+
+
+@app.command("demo")
+def demo_command(
+    model: str = typer.Option(
+        "smollm2-135m", "--model", "-m", help="smollm2-135m (real) or tiny-llama (fast)."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Run directory [default: infscope-demo-MODEL]."
+    ),
+    dataset: str = typer.Option("sentence_transform", "--dataset", help="Built-in dataset to generate."),
+    classes: int = typer.Option(10, "--classes", help="Classes of the built-in dataset."),
+    train_per_class: int = typer.Option(24, "--train-per-class", help="Training rows per class."),
+    val_per_class: int = typer.Option(4, "--val-per-class", help="Validation (query) rows per class."),
+    ratio: float = typer.Option(0.2, "--ratio", help="Share of training rows to corrupt."),
+    strategy: str = typer.Option(
+        "balanced", "--strategy", help="Noise strategy (balanced, grammar_heavy, ...)."
+    ),
+    weights: str | None = typer.Option(None, "--weights", help="Custom noise weights, e.g. response_swap=1."),
+    epochs: int = typer.Option(3, "--epochs", help="Fine-tuning epochs (one checkpoint each)."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate."),
+    methods: str = typer.Option("all", "--method", help="Comma-separated methods or 'all'."),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="Score the best (lowest val loss) or last."),
+    seed: int = typer.Option(0, "--seed", help="Seed for data, noise, LoRA init and batch order."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Write RUN/report.html at the end."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run made with other arguments."),
+) -> None:
+    """Run the whole job on the embedded default: data, noise, LoRA fine-tuning, gradients, every method."""
+    from infscope.pipeline import PipelineConfig, run_pipeline
+
+    cfg = PipelineConfig(
+        dataset=dataset,
+        classes=classes,
+        train_per_class=train_per_class,
+        val_per_class=val_per_class,
+        noise_ratio=ratio,
+        noise_strategy=strategy,
+        noise_weights=weights,
+        model=model,
+        epochs=epochs,
+        lr=lr,
+        methods=tuple(methods.split(",")),
+        checkpoint=checkpoint,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+    )
+    out = out or Path(f"infscope-demo-{model}")
+    result = run_pipeline(cfg, out, overwrite=overwrite, log=lambda m: console.print(f"[bold]>[/] {m}"))
+    ev = result.evaluation
+    ck = ev.get("checkpoint", {})
+    console.print(
+        f"scored checkpoint: epoch {ck.get('epoch')} (validation loss {ck.get('val_loss', float('nan')):.4f}, "
+        f"rule: {ck.get('rule')}); {ev['n_noisy']} of {ev['n_train']} training rows are noisy"
+    )
+    _print_leaderboard(ev.get("leaderboard", []), "Which method finds the injected noise (higher is better)")
+    _print_families(ev)
+    _print_stages(result.stages)
+    if report:
+        from infscope.report import write_report
+
+        console.print(f"report: {write_report(out)}")
+    console.print(f"results: {out}/results/<method>.parquet (ranked rows), {out}/evaluation.json")
+
+
+@app.command("score")
+def score_command(
+    run: Path = typer.Argument(..., help="Run directory made by `infscope finetune` or `infscope demo`."),
+    method: str = typer.Option(
+        "datainf,hessian_free,loss", "--method", help="Comma-separated methods or 'all'."
+    ),
+    query: str | None = typer.Option(
+        None, "--query", help="Query rows [default: the run's validation rows]."
+    ),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="best, last or epoch-N."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Rows per gradient pass."),
+    grad_dtype: str = typer.Option(
+        "float32", "--grad-dtype", help="Gradient store dtype: float32, float16, bfloat16."
+    ),
+    top: int = typer.Option(10, "--top", help="Rows to show in the harmful / helpful tables."),
+) -> None:
+    """Score every training row of a fine-tuned run (higher = more harmful to the query loss)."""
+    from infscope.scoring import parse_methods, score_run
+
+    methods = parse_methods(method)
+    scored = score_run(
+        run, methods, query=query, checkpoint=checkpoint, grad_dtype=grad_dtype, batch_size=batch_size
+    )
+    timing = Table(title="scores")
+    for column in ("method", "seconds", "most harmful", "most helpful"):
+        timing.add_column(column)
+    for name, s in scored.items():
+        timing.add_row(
+            name,
+            f"{s.meta['seconds']:.2f}",
+            ", ".join(s.harmful(min(top, 3))),
+            ", ".join(s.helpful(min(top, 3))),
+        )
+    console.print(timing)
+    first = next(iter(scored.values()))
+    frame = first.to_frame().sort_values("rank").head(top)
+    table = Table(title=f"top {top} harmful rows by {first.method}")
+    for column in ("rank", "id", "score"):
+        table.add_column(column)
+    for row in frame.itertuples():
+        table.add_row(str(row.rank), str(row.id), f"{row.score:.4g}")
+    console.print(table)
+    console.print(f"ranked tables: {run}/results/<method>.parquet and .csv; next: infscope evaluate {run}")
+
+
+@app.command("evaluate")
+def evaluate_command(
+    runs: list[Path] = typer.Argument(..., help="One run directory, or several (seeds) to average."),
+    manifest: Path | None = typer.Option(None, "--manifest", help="Noise manifest [default: the run's own]."),
+    k: list[int] = typer.Option([], "--k", help="Extra cut-offs for precision/recall at k."),
+    as_json: bool = typer.Option(False, "--json", help="Print the evaluation as JSON."),
+) -> None:
+    """Leaderboard of how well each saved score finds the injected noise (AUROC, AP, P@k, time, memory)."""
+    from infscope.data.manifest import read_manifest
+    from infscope.evaluate.jsonable import to_jsonable
+    from infscope.runs import atomic_write_json
+    from infscope.scoring import detection_evaluation, load_scores
+
+    rows, evaluations = [], {}
+    for seed_index, run in enumerate(runs):
+        path = manifest or _default_manifest(run)
+        evaluation = detection_evaluation(load_scores(run), read_manifest(path), ks=k)
+        evaluation["manifest"] = str(path)
+        atomic_write_json(run / "evaluation.json", to_jsonable(_merge_existing(run, evaluation)))
+        evaluations[str(run)] = evaluation
+        rows.extend({**r, "seed": seed_index} for r in evaluation["leaderboard"])
+    if as_json:
+        typer.echo(
+            json.dumps(to_jsonable(evaluations if len(runs) > 1 else evaluations[str(runs[0])]), indent=2)
+        )
+        return
+    title = "Noise detection" + (f" over {len(runs)} runs (mean ± 95% CI)" if len(runs) > 1 else "")
+    _print_leaderboard(rows, title)
+    if len(runs) == 1:
+        _print_families(evaluations[str(runs[0])])
+    console.print(f"saved: {', '.join(str(r / 'evaluation.json') for r in runs)}")
+
+
+def _default_manifest(run: Path) -> Path:
+    from infscope.scoring import open_finetuned_run
+
+    candidate = run / "data" / "manifest.jsonl"
+    if candidate.is_file():
+        return candidate
+    found = open_finetuned_run(run).manifest
+    if found is None:
+        raise InfscopeError(
+            f"no noise manifest found for {run}; pass --manifest FILE (written by `infscope noise`)"
+        )
+    return found
+
+
+def _merge_existing(run: Path, evaluation: dict) -> dict:
+    """Keep parts of an earlier evaluation.json (checkpoint, attribution) that this command does not recompute."""
+    path = run / "evaluation.json"
+    if not path.is_file():
+        return evaluation
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return evaluation
+    return {**{k: v for k, v in old.items() if k in ("checkpoint", "attribution")}, **evaluation}

@@ -1,0 +1,355 @@
+"""The stages wired over a run directory: data -> noise -> fine-tune -> gradients -> scores -> evaluation.
+
+Each stage reads what the stage before it wrote into the run directory and records its time and
+peak memory in ``run.json``. A stage that already finished is skipped, so rerunning the same
+command after an interruption resumes where it stopped. ``infscope demo``, ``infscope score`` and
+``infscope evaluate`` are thin layers over the functions here.
+
+Layout of a run directory::
+
+    run.json                      arguments, versions, per-stage seconds / peak memory / info
+    data/train.clean.jsonl        training rows before noise (never modified afterwards)
+    data/train.jsonl              training rows the model is tuned on (noisy)
+    data/manifest.jsonl           ground truth: which rows were corrupted and how
+    data/val.jsonl                clean validation rows (the query set)
+    finetune/                     adapter checkpoints (see ``infscope.models.finetune``)
+    grads/train, grads/val        gradient stores at the scored checkpoint
+    losses.parquet                per-row training loss after tuning and under the base model
+    scores/<method>.npz           Scores per method
+    results/<method>.parquet      ranked table per method (id, score, rank, is_flagged)
+    evaluation.json               detection metrics per method, overall and per noise family
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from infscope.errors import InfscopeError
+from infscope.runs import RunDir, atomic_write_json
+from infscope.scoring import ALL_METHODS, GRADIENT_METHODS, parse_methods
+
+CHECKPOINT_CHOICES = ("best", "last")
+
+
+@dataclass
+class PipelineConfig:
+    """Everything one end-to-end run depends on; stored in ``run.json`` so reuse can be checked.
+
+    The defaults are the ``infscope demo`` setting: the built-in sentence-transformation task
+    (10 classes, 24 training and 4 validation rows each), 20 % balanced noise, SmolLM2-135M with
+    LoRA r=8 on q_proj/v_proj, 3 epochs, scored at the checkpoint with the lowest validation loss.
+    ``noise_ratio=0`` skips noise (attribution experiments).
+    """
+
+    dataset: str = "sentence_transform"
+    classes: int = 10
+    train_per_class: int = 24
+    val_per_class: int = 4
+    paraphrase: bool = False
+    noise_ratio: float = 0.2
+    noise_strategy: str = "balanced"
+    noise_weights: str | None = None
+    model: str = "smollm2-135m"
+    rank: int = 8
+    alpha: int = 16
+    target_modules: str | None = None
+    epochs: int = 3
+    lr: float = 1e-3
+    batch_size: int = 8
+    max_length: int = 128
+    methods: tuple[str, ...] = ALL_METHODS
+    checkpoint: str = "best"
+    attribution: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    grad_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        self.methods = tuple(parse_methods(list(self.methods)))
+        if not 0 <= self.noise_ratio <= 1:
+            raise InfscopeError(f"noise ratio {self.noise_ratio} is outside [0, 1]; pass e.g. --ratio 0.2")
+        if self.checkpoint not in CHECKPOINT_CHOICES:
+            raise InfscopeError(
+                f"checkpoint {self.checkpoint!r} is not one of {', '.join(CHECKPOINT_CHOICES)}"
+            )
+        for name in ("classes", "train_per_class", "val_per_class", "epochs", "batch_size", "rank"):
+            if getattr(self, name) < 1:
+                raise InfscopeError(
+                    f"{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})"
+                )
+
+    def as_args(self) -> dict[str, Any]:
+        """JSON-ready arguments for ``run.json``."""
+        args = asdict(self)
+        args["methods"] = list(self.methods)
+        return args
+
+
+@dataclass
+class PipelineResult:
+    """What a finished run produced: where it lives, the leaderboard, evaluation and per-stage cost."""
+
+    run_dir: Path
+    leaderboard: pd.DataFrame
+    evaluation: dict[str, Any]
+    stages: dict[str, dict[str, Any]]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _task(rows: list[dict]) -> str:
+    return "classification" if rows and "label" in rows[0] and "output" not in rows[0] else "instruction"
+
+
+def _model_task(task: str) -> str:
+    return "classification" if task == "classification" else "causal"
+
+
+# ---------------------------------------------------------------- stages
+
+
+def stage_data(run: RunDir, cfg: PipelineConfig) -> tuple[list[dict], list[dict], list | None]:
+    """Generate the built-in dataset (train + clean validation split) into ``data/``."""
+    from infscope.data.writing import write_rows
+
+    train_path, val_path = run.file("data", "train.clean.jsonl"), run.file("data", "val.jsonl")
+    if not run.done("data"):
+        from infscope.data.builtin import make_builtin
+
+        with run.stage("data") as rec:
+            split = make_builtin(
+                cfg.dataset,
+                seed=cfg.seed,
+                n_classes=cfg.classes,
+                per_class=cfg.train_per_class + cfg.val_per_class,
+                n_test_per_class=cfg.val_per_class,
+                paraphrase=cfg.paraphrase,
+            )
+            write_rows(split.train, train_path)
+            write_rows(split.test, val_path)
+            rec.info.update(
+                train_rows=len(split.train),
+                val_rows=len(split.test),
+                task=split.task,
+                label_names=list(split.label_names) if split.label_names else None,
+            )
+    info = run.stage_info("data")
+    return _read_jsonl(train_path), _read_jsonl(val_path), info.get("label_names")
+
+
+def stage_noise(
+    run: RunDir, cfg: PipelineConfig, train: list[dict], label_names
+) -> tuple[list[dict], pd.DataFrame]:
+    """Corrupt ``noise_ratio`` of the training rows and write the ground-truth manifest."""
+    from infscope.data.manifest import read_manifest, write_manifest
+    from infscope.data.writing import write_rows
+
+    noisy_path, manifest_path = run.file("data", "train.jsonl"), run.file("data", "manifest.jsonl")
+    if not run.done("noise"):
+        with run.stage("noise") as rec:
+            if cfg.noise_ratio > 0:
+                from infscope.noise.inject import inject_noise
+
+                result = inject_noise(
+                    train,
+                    task=_task(train),
+                    ratio=cfg.noise_ratio,
+                    strategy=cfg.noise_strategy,
+                    weights=cfg.noise_weights,
+                    seed=cfg.seed,
+                    label_names=label_names,
+                )
+                rows, manifest = result.rows, result.manifest
+            else:
+                rows = train
+                manifest = [_clean_record(str(r["id"]), cfg.seed) for r in train]
+            write_rows(rows, noisy_path)
+            write_manifest(manifest, manifest_path)
+            rec.info.update(noisy_rows=int(sum(bool(m["is_noisy"]) for m in manifest)))
+    return _read_jsonl(noisy_path), read_manifest(manifest_path)
+
+
+def _clean_record(row_id: str, seed: int) -> dict[str, Any]:
+    from infscope.data.manifest import MANIFEST_FIELDS
+
+    record: dict[str, Any] = dict.fromkeys(MANIFEST_FIELDS)
+    record.update(id=row_id, is_noisy=False, label_changed=False, severity=0.0, seed=seed)
+    return record
+
+
+def _model_spec(cfg: PipelineConfig, train: list[dict], label_names):
+    from infscope.scoring import ModelSpec
+
+    return ModelSpec(
+        name=cfg.model,
+        task=_task(train),
+        label_names=label_names,
+        max_length=cfg.max_length,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        device=cfg.device,
+        dtype=cfg.dtype,
+    )
+
+
+def _lora_spec(cfg: PipelineConfig):
+    from infscope.models.lora import LoraSpec
+
+    targets = [t.strip() for t in cfg.target_modules.split(",")] if cfg.target_modules else None
+    return LoraSpec(r=cfg.rank, alpha=cfg.alpha, dropout=0.0, target_modules=targets)
+
+
+def stage_finetune(run: RunDir, cfg: PipelineConfig, train, val, label_names) -> dict[str, Any]:
+    """LoRA fine-tuning with a checkpoint per epoch; records which checkpoint will be scored."""
+    from infscope.models.finetune import FinetuneConfig, finetune
+
+    if not run.done("finetune"):
+        with run.stage("finetune") as rec:
+            loaded = _model_spec(cfg, train, label_names).load_base()
+            ft_config = FinetuneConfig(
+                epochs=cfg.epochs,
+                lr=cfg.lr,
+                batch_size=cfg.batch_size,
+                seed=cfg.seed,
+                max_length=cfg.max_length,
+                device=cfg.device,
+                dtype=cfg.dtype,
+                lora=_lora_spec(cfg),
+            )
+            labels = label_names if _task(train) == "classification" else None
+            result = finetune(loaded, train, val, ft_config, run.file("finetune"), label_names=labels)
+            chosen = result.best if cfg.checkpoint == "best" else result.checkpoints[-1]
+            rec.info.update(
+                checkpoint=str(chosen.path),
+                epoch=chosen.epoch,
+                val_loss=chosen.val_loss,
+                rule=cfg.checkpoint,
+                checkpoints=[
+                    {
+                        "epoch": c.epoch,
+                        "step": c.step,
+                        "lr": c.lr,
+                        "val_loss": c.val_loss,
+                        "train_loss": c.train_loss,
+                    }
+                    for c in result.checkpoints
+                ],
+            )
+    return run.stage_info("finetune")
+
+
+def stage_gradients(
+    run: RunDir, cfg: PipelineConfig, checkpoint: str, train, val, label_names
+) -> dict[str, Any]:
+    """Per-example LoRA gradients of train and validation rows at the scored checkpoint, plus losses."""
+    from infscope.scoring import collect_gradients
+
+    if not run.done("gradients"):
+        with run.stage("gradients") as rec:
+            spec = _model_spec(cfg, train, label_names)
+            rec.info.update(
+                collect_gradients(spec, checkpoint, train, val, run.path, grad_dtype=cfg.grad_dtype)
+            )
+    return run.stage_info("gradients")
+
+
+def stage_score(run: RunDir, cfg: PipelineConfig) -> dict[str, Any]:
+    """Score with every configured method; writes ``scores/<m>.npz`` and ``results/<m>.parquet``."""
+    from infscope.estimators.scores import Scores
+    from infscope.grads.store import GradientStore
+    from infscope.scoring import save_scores, score_methods
+
+    if not run.done("score"):
+        with run.stage("score") as rec:
+            train_grads = GradientStore.open(run.file("grads", "train"))
+            val_grads = GradientStore.open(run.file("grads", "val"))
+            losses = pd.read_parquet(run.file("losses.parquet"))
+            scored = score_methods(cfg.methods, train_grads, val_grads, losses, seed=cfg.seed)
+            save_scores(run.path, scored)
+            rec.info.update(
+                seconds={m: s.meta["seconds"] for m, s in scored.items()},
+                peak_rss_mb={m: s.meta["peak_rss_mb"] for m, s in scored.items()},
+            )
+            if cfg.attribution:
+                grad_methods = [m for m in cfg.methods if m in GRADIENT_METHODS]
+                matrices = score_methods(grad_methods, train_grads, val_grads, None, aggregate=False)
+                save_scores(run.path, matrices, suffix=".matrix")
+    return {m: Scores.load(run.file("scores", f"{m}.npz")) for m in cfg.methods}
+
+
+def stage_evaluate(
+    run: RunDir, cfg: PipelineConfig, scores: dict, manifest: pd.DataFrame, train, val
+) -> dict:
+    """Detection metrics per method (overall, per family and operator) and attribution metrics."""
+    from infscope.evaluate.jsonable import to_jsonable
+    from infscope.scoring import detection_evaluation
+
+    evaluation: dict[str, Any] = {
+        "checkpoint": {k: v for k, v in run.stage_info("finetune").items() if k != "checkpoints"},
+        **detection_evaluation(scores, manifest),
+    }
+    if cfg.attribution:
+        evaluation["attribution"] = attribution_metrics(run, cfg, train, val)
+    atomic_write_json(run.file("evaluation.json"), to_jsonable(evaluation))
+    return evaluation
+
+
+def attribution_metrics(run: RunDir, cfg: PipelineConfig, train, val) -> dict[str, Any]:
+    """Class-detection AUC and recall of the per-query score matrices (the DataInf paper's metric)."""
+    from infscope.estimators.scores import Scores
+    from infscope.evaluate.attribution import class_detection
+
+    train_class = {str(r["id"]): r.get("class") for r in train}
+    val_class = {str(r["id"]): r.get("class") for r in val}
+    out = {}
+    for method in cfg.methods:
+        path = run.file("scores", f"{method}.matrix.npz")
+        if not path.exists():
+            continue
+        s = Scores.load(path)
+        result = class_detection(
+            s.values, [train_class[i] for i in s.train_ids], [val_class[i] for i in s.query_ids]
+        )
+        out[method] = {"auc": result["auc"], "recall": result["recall"]}
+    return out
+
+
+def leaderboard_frame(evaluation: dict[str, Any]) -> pd.DataFrame:
+    """The leaderboard of one run (or several seeds' rows) as a DataFrame sorted by AUROC."""
+    from infscope.evaluate.aggregate import leaderboard
+
+    return leaderboard(evaluation.get("leaderboard", []))
+
+
+def run_pipeline(
+    cfg: PipelineConfig,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> PipelineResult:
+    """Run every stage (skipping those already done) and return the leaderboard and evaluation."""
+    say = log or (lambda message: None)
+    run = RunDir(out_dir, cfg.as_args(), overwrite=overwrite)
+    say(f"data: built-in {cfg.dataset}")
+    clean, val, label_names = stage_data(run, cfg)
+    say(f"noise: {cfg.noise_ratio:.0%} {cfg.noise_weights or cfg.noise_strategy}")
+    train, manifest = stage_noise(run, cfg, clean, label_names)
+    say(f"finetune: {cfg.model}, LoRA r={cfg.rank}, {cfg.epochs} epochs on {len(train)} rows")
+    ft = stage_finetune(run, cfg, train, val, label_names)
+    say(f"gradients: checkpoint epoch {ft['epoch']} ({cfg.checkpoint} validation loss)")
+    stage_gradients(run, cfg, ft["checkpoint"], train, val, label_names)
+    say(f"score: {', '.join(cfg.methods)}")
+    scores = stage_score(run, cfg)
+    evaluation = stage_evaluate(run, cfg, scores, manifest, train, val)
+    return PipelineResult(Path(out_dir), leaderboard_frame(evaluation), evaluation, run.stages())
