@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -71,3 +72,12 @@ def test_cli_version_and_unknown_command(capsys):
     assert main(["version"]) == 0
     assert "torch" in capsys.readouterr().out
     assert main(["no-such-command"]) == 2
+
+
+def test_atomic_files_follow_the_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        path = atomic_write_json(tmp_path / "shared.json", {})
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644
