@@ -12,6 +12,7 @@ Used by the pipeline (``infscope demo``) and by ``infscope score RUN`` on a run 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,10 @@ from infscope.errors import InfscopeError
 GRADIENT_METHODS = ("datainf", "lissa", "exact", "hessian_free")
 BASELINE_METHODS = ("loss", "base_loss", "grad_norm", "random")
 ALL_METHODS = GRADIENT_METHODS + BASELINE_METHODS
+# Pipeline defaults per method. LiSSA's Richardson recursion needs about kappa * ln(1/tol) steps, and
+# with the DataInf damping kappa = lambda_max / lambda can reach 10 * d, so a fixed budget keeps the
+# demo in time; each block's iterations, residual and convergence are recorded in the Scores meta.
+METHOD_OPTIONS: dict[str, dict[str, Any]] = {"lissa": {"max_iter": 300, "tol": 1e-4}}
 METHOD_ALIASES = {"tracin": "hessian_free", "hessian-free": "hessian_free", "base-loss": "base_loss"}
 
 
@@ -163,6 +168,7 @@ def score_methods(
     seed: int = 0,
     aggregate: bool = True,
     on_method: Callable[[str, float], None] | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Score every training row with each method; returns ``{method: Scores}``.
 
@@ -174,12 +180,21 @@ def score_methods(
     from infscope.estimators.registry import get_estimator
     from infscope.runs import PeakMemory
 
+    options = options or {}
     out = {}
     for method in methods:
         start = time.perf_counter()
         with PeakMemory() as mem:
             if method in GRADIENT_METHODS:
-                scores = get_estimator(method).fit(train_grads).score(query_grads, aggregate=aggregate)
+                estimator = get_estimator(
+                    method, **{**METHOD_OPTIONS.get(method, {}), **options.get(method, {})}
+                )
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    scores = estimator.fit(train_grads).score(query_grads, aggregate=aggregate)
+                if caught:
+                    scores.meta["warning_count"] = len(caught)
+                    scores.meta["first_warning"] = str(caught[0].message)
             elif method in ("loss", "base_loss"):
                 if losses is None:
                     raise InfscopeError(f"method {method} needs per-row losses; collect gradients first")

@@ -70,8 +70,10 @@ class InMemoryGradients:
     def subset(self, rows: Sequence[int]) -> InMemoryGradients:
         """The gradients of the given row positions."""
         index = torch.as_tensor(list(rows), dtype=torch.long)
-        return InMemoryGradients([self._ids[i] for i in index.tolist()],
-                                 {n: t.index_select(0, index) for n, t in self._blocks.items()})
+        return InMemoryGradients(
+            [self._ids[i] for i in index.tolist()],
+            {n: t.index_select(0, index) for n, t in self._blocks.items()},
+        )
 
 
 def iter_blocks(grads: GradientSet, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:

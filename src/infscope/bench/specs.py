@@ -1,0 +1,63 @@
+"""Built-in benchmark specs, kept as YAML text in the package so no package-data setup is needed.
+
+``infscope bench list`` shows them; ``infscope bench run NAME --out DIR`` runs one. A spec file
+written by hand uses exactly the same format (see :mod:`infscope.bench.config`).
+"""
+
+from __future__ import annotations
+
+QUICK = """
+name: quick
+description: >-
+  Smoke benchmark in minutes: the tiny 2-layer Llama on a small sentence-transformation task,
+  20% balanced noise, one seed, every method.
+axes:
+  datasets:
+    - {name: sentence_transform, classes: 4, train_per_class: 10, val_per_class: 2}
+  noise:
+    - {strategy: balanced, ratio: 0.2}
+  models:
+    - {name: tiny-llama, epochs: 2, max_length: 64}
+  methods: [all]
+  seeds: [0]
+"""
+
+DEMO = """
+name: demo
+description: >-
+  The `infscope demo` setting (PipelineConfig defaults: sentence_transform with 10 classes x 24
+  training rows, 20% balanced noise, SmolLM2-135M with LoRA r=8, 3 epochs) over three seeds,
+  so every number gets a mean and a 95% interval.
+axes:
+  datasets: [sentence_transform]
+  noise:
+    - {strategy: balanced, ratio: 0.2}
+  models: [smollm2-135m]
+  methods: [all]
+  seeds: [0, 1, 2]
+"""
+
+DATAINF_PAPER = """
+name: datainf-paper
+description: >-
+  The DataInf paper's experiments on our generators: class attribution (AUC and recall of each
+  query's top-scored training rows sharing its class) on the three synthetic tasks without noise,
+  with SmolLM2-135M; and label-flip detection (uniform flips of 20% of labels) on the
+  classification version of sentence transformation with MiniLM, by AUROC and detection curve.
+axes:
+  methods: [datainf, hessian_free, exact, lissa]
+  seeds: [0, 1, 2]
+grids:
+  - datasets: [sentence_transform, math_no_reason, math_reason]
+    noise:
+      - {ratio: 0}
+    models: [smollm2-135m]
+    attribution: true
+  - datasets: [sentence_transform_cls]
+    noise:
+      - {weights: {label: 1}, ratio: 0.2}
+    models: [minilm]
+    methods: [datainf, hessian_free, exact, lissa, loss, random]
+"""
+
+BUILTIN_SPECS: dict[str, str] = {"quick": QUICK, "demo": DEMO, "datainf-paper": DATAINF_PAPER}

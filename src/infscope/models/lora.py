@@ -1,0 +1,199 @@
+"""Attach LoRA adapters (peft), reload saved adapters, and name the LoRA layers gradients are taken on.
+
+Gradients and influence scores are computed on the LoRA ``A``/``B`` matrices only, so
+:func:`lora_layer_names` is how later stages find their blocks. For classifiers the new head is
+trained in full (peft ``modules_to_save``) and :func:`head_names` reports it.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from infscope.errors import InfscopeError
+
+# Default LoRA targets per ``config.model_type``: the attention query and value projections.
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "deberta-v2": ["query_proj", "value_proj"],
+}
+# Names classification heads go by in transformers, tried in this order.
+HEAD_CANDIDATES = ("classifier", "score")
+
+
+@dataclass
+class LoraSpec:
+    """LoRA hyper-parameters. ``target_modules=None`` picks the architecture's attention q/v defaults."""
+
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if int(self.r) < 1:
+            raise InfscopeError(f"LoRA rank must be at least 1, got {self.r}; pass --rank 8 or similar")
+        if float(self.alpha) <= 0:
+            raise InfscopeError(f"LoRA alpha must be positive, got {self.alpha}; pass --alpha 16 or similar")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise InfscopeError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if self.target_modules is not None:
+            self.target_modules = [str(t) for t in self.target_modules if str(t).strip()]
+            if not self.target_modules:
+                raise InfscopeError("target_modules is empty; name at least one module or leave it unset")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (for configs and fingerprints)."""
+        return asdict(self)
+
+
+def _unwrap(loaded_or_model: Any) -> nn.Module:
+    return loaded_or_model.model if hasattr(loaded_or_model, "tokenizer") else loaded_or_model
+
+
+def _is_classifier(model: nn.Module) -> bool:
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """The default LoRA target module names for ``model``'s architecture."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_TARGETS:
+        raise InfscopeError(
+            f"no default LoRA targets for model type {model_type!r}; pass --target-modules (e.g. q_proj,v_proj)"
+        )
+    return list(DEFAULT_TARGETS[model_type])
+
+
+def _head_name(model: nn.Module) -> str:
+    for name in HEAD_CANDIDATES:
+        if isinstance(getattr(model, name, None), nn.Module):
+            return name
+    raise InfscopeError(
+        f"cannot find the classification head of {type(model).__name__}; use a *ForSequenceClassification model"
+    )
+
+
+def attach_lora(loaded_or_model: Any, spec: LoraSpec | None = None, *, seed: int = 0) -> nn.Module:
+    """Wrap a model with fresh LoRA adapters (seeded init) and return the peft model.
+
+    Accepts a :class:`~infscope.models.registry.LoadedModel` (whose ``model`` is replaced by the
+    peft model) or a bare model. Only LoRA weights (and a classifier's head) are trainable.
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    spec = spec or LoraSpec()
+    model = _unwrap(loaded_or_model)
+    if hasattr(model, "peft_config"):
+        raise InfscopeError(
+            "the model already has LoRA adapters; load a fresh base model before attaching LoRA"
+        )
+    classifier = _is_classifier(model)
+    targets = spec.target_modules or default_targets(model)
+    config = LoraConfig(
+        r=int(spec.r),
+        lora_alpha=float(spec.alpha),
+        lora_dropout=float(spec.dropout),
+        target_modules=targets,
+        task_type=TaskType.SEQ_CLS if classifier else TaskType.CAUSAL_LM,
+        modules_to_save=[_head_name(model)] if classifier else None,
+    )
+    try:
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # peft calls a deprecated transformers helper
+            torch.manual_seed(seed)
+            peft_model = get_peft_model(model, config)
+    except ValueError as exc:
+        raise InfscopeError(
+            f"cannot attach LoRA to {', '.join(targets)}: {str(exc).splitlines()[0]}; check --target-modules"
+        ) from None
+    if hasattr(loaded_or_model, "tokenizer"):
+        loaded_or_model.model = peft_model
+    return peft_model
+
+
+def _adapter_config(path: Path) -> dict[str, Any]:
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        raise InfscopeError(
+            f"{path} holds no LoRA adapter (adapter_config.json missing); pass a checkpoint directory"
+        )
+    try:
+        return json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InfscopeError(
+            f"cannot read {config_file} ({exc}); the checkpoint is damaged, re-run finetune"
+        ) from None
+
+
+def load_adapter(loaded_or_model: Any, path: str | Path, *, trainable: bool = False) -> nn.Module:
+    """Load a saved LoRA adapter onto a base model and return the peft model (eval mode).
+
+    An adapter made for another base model (missing target modules or other shapes) raises a
+    one-line :class:`InfscopeError`.
+    """
+    from peft import PeftModel
+
+    path = Path(path)
+    _adapter_config(path)
+    model = _unwrap(loaded_or_model)
+    if hasattr(model, "peft_config"):
+        raise InfscopeError("the model already has LoRA adapters; load the adapter onto a fresh base model")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # peft calls a deprecated transformers helper
+            peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
+    except (ValueError, RuntimeError, KeyError, OSError) as exc:
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        first = " ".join(lines[:2])[:240] if lines else type(exc).__name__
+        raise InfscopeError(
+            f"adapter {path} does not match the base model ({first}); load it onto the model it was trained from"
+        ) from None
+    peft_model.eval()
+    if hasattr(loaded_or_model, "tokenizer"):
+        loaded_or_model.model = peft_model
+    return peft_model
+
+
+def lora_layer_names(loaded_or_model: Any) -> list[str]:
+    """Names of the LoRA ``A`` and ``B`` ``nn.Linear`` modules, in module order."""
+    model = _unwrap(loaded_or_model)
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and (".lora_A." in name or ".lora_B." in name)
+    ]
+    if not names:
+        raise InfscopeError(
+            "no LoRA layers found in the model; attach LoRA (attach_lora) or load an adapter first"
+        )
+    return names
+
+
+def head_names(loaded_or_model: Any) -> list[str]:
+    """Names of the trainable copies of a classifier's head (``modules_to_save``), empty for causal LMs."""
+    model = _unwrap(loaded_or_model)
+    return [name for name, module in model.named_modules() if name.endswith("modules_to_save.default")]
+
+
+def trainable_parameters(loaded_or_model: Any) -> dict[str, torch.nn.Parameter]:
+    """Parameters that require gradients, by name."""
+    return {n: p for n, p in _unwrap(loaded_or_model).named_parameters() if p.requires_grad}

@@ -1,0 +1,113 @@
+"""End-to-end pipeline on tiny-llama: every stage, resume, argument guard, and numbers checked
+against independent computations (a per-row loss loop, sklearn AUROC on the saved tables)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from infscope.cli import main
+from infscope.errors import InfscopeError
+from infscope.pipeline import PipelineConfig, run_pipeline
+
+SMALL = dict(
+    model="tiny-llama",
+    classes=3,
+    train_per_class=8,
+    val_per_class=2,
+    epochs=2,
+    max_length=64,
+    noise_ratio=0.25,
+    methods=("datainf", "exact", "hessian_free", "loss", "base_loss", "random"),
+)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipe") / "run"
+    return out, run_pipeline(PipelineConfig(**SMALL), out)
+
+
+def test_every_stage_recorded_and_artifacts_written(finished):
+    out, result = finished
+    assert list(result.stages) == ["data", "noise", "finetune", "gradients", "score"]
+    for stage in result.stages.values():
+        assert stage["seconds"] >= 0 and stage["peak_rss_mb"] > 0
+    manifest = pd.read_json(out / "data" / "manifest.jsonl", lines=True)
+    assert len(manifest) == 24 and manifest["is_noisy"].sum() == 6
+    for method in SMALL["methods"]:
+        table = pd.read_parquet(out / "results" / f"{method}.parquet")
+        assert sorted(table["id"]) == sorted(manifest["id"])
+
+
+def test_leaderboard_auroc_matches_sklearn_on_saved_tables(finished):
+    out, result = finished
+    manifest = pd.read_json(out / "data" / "manifest.jsonl", lines=True).set_index("id")
+    for row in result.evaluation["leaderboard"]:
+        table = pd.read_parquet(out / "results" / f"{row['method']}.parquet").set_index("id")
+        truth = manifest.loc[table.index, "is_noisy"].astype(bool)
+        assert row["auroc"] == pytest.approx(roc_auc_score(truth, table["score"]), abs=1e-12)
+
+
+def test_loss_baseline_equals_a_plain_per_row_loop(finished):
+    """The training-loss baseline must be each row's mean response-token loss at the scored checkpoint."""
+    from infscope.models.encode import encode_rows
+    from infscope.models.lora import load_adapter
+    from infscope.models.registry import load_model
+
+    out, result = finished
+    rows = [json.loads(line) for line in (out / "data" / "train.jsonl").read_text().splitlines()]
+    loaded = load_model("tiny-llama", seed=0)
+    model = load_adapter(loaded, result.evaluation["checkpoint"]["checkpoint"])
+    enc = encode_rows(rows, loaded.tokenizer, task="instruction", max_length=64)
+    expected = []
+    with torch.no_grad():
+        for ids, labels in zip(enc.input_ids, enc.labels, strict=True):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+            target = torch.tensor(labels[1:])
+            keep = target != -100
+            expected.append(torch.nn.functional.cross_entropy(logits[keep], target[keep]).item())
+    saved = pd.read_parquet(out / "losses.parquet").set_index("id").loc[enc.ids, "loss"].to_numpy()
+    np.testing.assert_allclose(saved, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_rerun_resumes_without_recomputing(finished, monkeypatch):
+    out, result = finished
+    import infscope.models.finetune as ft
+
+    monkeypatch.setattr(ft, "finetune", lambda *a, **k: pytest.fail("fine-tuning ran again"))
+    again = run_pipeline(PipelineConfig(**SMALL), out)
+    assert again.stages == result.stages
+    assert again.evaluation["leaderboard"] == result.evaluation["leaderboard"]
+
+
+def test_other_arguments_are_refused(finished):
+    out, _ = finished
+    with pytest.raises(InfscopeError, match="seed differ"):
+        run_pipeline(PipelineConfig(**{**SMALL, "seed": 1}), out)
+
+
+def test_evaluate_and_score_commands(finished, capsys):
+    out, result = finished
+    assert main(["evaluate", str(out), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert {r["method"] for r in printed["leaderboard"]} == set(SMALL["methods"])
+    before = pd.read_parquet(out / "results" / "hessian_free.parquet").set_index("id")["score"]
+    assert main(["score", str(out), "--method", "hessian_free,loss"]) == 0
+    after = pd.read_parquet(out / "results" / "hessian_free.parquet").set_index("id")["score"]
+    # gradients recollected in RUN/scoring/<checkpoint> from the same adapter and rows give the same scores
+    assert (out / "scoring").is_dir()
+    np.testing.assert_allclose(after.loc[before.index], before, rtol=1e-4, atol=1e-6 * before.abs().max())
+
+
+def test_bad_inputs_exit_2(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path)]) == 2
+    assert main(["score", str(tmp_path), "--method", "nope"]) == 2
+    assert main(["demo", "--model", "tiny-llama", "--ratio", "1.5", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown method" in err and "outside" in err and "Traceback" not in err
