@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import torch
 import yaml
 
 from infscope.bench.config import parse_spec
@@ -45,7 +46,11 @@ def main() -> None:
     parser.add_argument("--val-per-class", type=int, default=4)
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--out", default="bench_out/attribution")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1 is safest on shared cores)"
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     text = (
         SPEC.replace("TRAIN", str(args.train_per_class))
         .replace("VAL", str(args.val_per_class))

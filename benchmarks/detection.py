@@ -23,6 +23,7 @@ import argparse
 import time
 
 import pandas as pd
+import torch
 
 from infscope.bench.config import parse_spec
 from infscope.bench.runner import run_bench
@@ -97,7 +98,11 @@ def main() -> None:
     parser.add_argument("--cls-model", default="minilm")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default="bench_out/detection")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1 is safest on shared cores)"
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     spec = parse_spec(
         __import__("yaml").safe_load(SPEC.replace("CLS_MODEL", args.cls_model).replace("MODEL", args.model))
     )

@@ -42,15 +42,15 @@ class PipelineConfig:
     """Everything one end-to-end run depends on; stored in ``run.json`` so reuse can be checked.
 
     The defaults are the ``infscope demo`` setting: the built-in sentence-transformation task
-    (10 classes, 24 training and 4 validation rows each), 20 % balanced noise, SmolLM2-135M with
-    LoRA r=8 on q_proj/v_proj, 3 epochs, scored at the checkpoint with the lowest validation loss.
+    (10 classes, 12 training and 2 validation rows each), 20 % balanced noise, SmolLM2-135M with
+    LoRA r=8 on q_proj/v_proj, 2 epochs at lr 2e-3, scored at the checkpoint with the lowest validation loss.
     ``noise_ratio=0`` skips noise (attribution experiments).
     """
 
     dataset: str = "sentence_transform"
     classes: int = 10
-    train_per_class: int = 24
-    val_per_class: int = 4
+    train_per_class: int = 12
+    val_per_class: int = 2
     paraphrase: bool = False
     noise_ratio: float = 0.2
     noise_strategy: str = "balanced"
@@ -59,8 +59,8 @@ class PipelineConfig:
     rank: int = 8
     alpha: int = 16
     target_modules: str | None = None
-    epochs: int = 3
-    lr: float = 1e-3
+    epochs: int = 2
+    lr: float = 2e-3
     batch_size: int = 8
     max_length: int = 128
     methods: tuple[str, ...] = ALL_METHODS

@@ -25,8 +25,8 @@ axes:
 DEMO = """
 name: demo
 description: >-
-  The `infscope demo` setting (PipelineConfig defaults: sentence_transform with 10 classes x 24
-  training rows, 20% balanced noise, SmolLM2-135M with LoRA r=8, 3 epochs) over three seeds,
+  The `infscope demo` setting (PipelineConfig defaults: sentence_transform with 10 classes x 12
+  training rows, 20% balanced noise, SmolLM2-135M with LoRA r=8, 2 epochs) over three seeds,
   so every number gets a mean and a 95% interval.
 axes:
   datasets: [sentence_transform]

@@ -18,6 +18,26 @@ from infscope.cli import app, console
 from infscope.errors import InfscopeError
 
 
+def _set_threads(threads: int | None) -> None:
+    """Choose torch's CPU threads: the given number, or by default the cores other processes leave idle.
+
+    On shared cores, torch threads that wait for each other are several times slower than one
+    thread (measured on this 2-core machine: 5.3 s vs 17.9 s per SmolLM2 step), so the default
+    counts busy cores from the load average instead of always taking every core.
+    """
+    import os
+
+    import torch
+
+    if threads is not None and threads < 1:
+        raise InfscopeError(f"--threads must be at least 1, got {threads}")
+    if threads is None:
+        cores = os.cpu_count() or 1
+        busy = int(os.getloadavg()[0] + 0.5) if hasattr(os, "getloadavg") else 0
+        threads = max(1, min(torch.get_num_threads(), cores - busy))
+    torch.set_num_threads(threads)
+
+
 def _print_leaderboard(rows: list[dict], title: str) -> None:
     from infscope.evaluate.aggregate import leaderboard, render_leaderboard
 
@@ -67,26 +87,30 @@ def demo_command(
     ),
     dataset: str = typer.Option("sentence_transform", "--dataset", help="Built-in dataset to generate."),
     classes: int = typer.Option(10, "--classes", help="Classes of the built-in dataset."),
-    train_per_class: int = typer.Option(24, "--train-per-class", help="Training rows per class."),
-    val_per_class: int = typer.Option(4, "--val-per-class", help="Validation (query) rows per class."),
+    train_per_class: int = typer.Option(12, "--train-per-class", help="Training rows per class."),
+    val_per_class: int = typer.Option(2, "--val-per-class", help="Validation (query) rows per class."),
     ratio: float = typer.Option(0.2, "--ratio", help="Share of training rows to corrupt."),
     strategy: str = typer.Option(
         "balanced", "--strategy", help="Noise strategy (balanced, grammar_heavy, ...)."
     ),
     weights: str | None = typer.Option(None, "--weights", help="Custom noise weights, e.g. response_swap=1."),
-    epochs: int = typer.Option(3, "--epochs", help="Fine-tuning epochs (one checkpoint each)."),
-    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate."),
+    epochs: int = typer.Option(2, "--epochs", help="Fine-tuning epochs (one checkpoint each)."),
+    lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate."),
     methods: str = typer.Option("all", "--method", help="Comma-separated methods or 'all'."),
     checkpoint: str = typer.Option("best", "--checkpoint", help="Score the best (lowest val loss) or last."),
     seed: int = typer.Option(0, "--seed", help="Seed for data, noise, LoRA init and batch order."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
+    threads: int | None = typer.Option(
+        None, "--threads", help="CPU threads for torch [default: the idle cores]."
+    ),
     report: bool = typer.Option(True, "--report/--no-report", help="Write RUN/report.html at the end."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run made with other arguments."),
 ) -> None:
     """Run the whole job on the embedded default: data, noise, LoRA fine-tuning, gradients, every method."""
     from infscope.pipeline import PipelineConfig, run_pipeline
 
+    _set_threads(threads)
     cfg = PipelineConfig(
         dataset=dataset,
         classes=classes,
@@ -137,11 +161,15 @@ def score_command(
         "float32", "--grad-dtype", help="Gradient store dtype: float32, float16, bfloat16."
     ),
     top: int = typer.Option(10, "--top", help="Rows to show in the harmful / helpful tables."),
+    threads: int | None = typer.Option(
+        None, "--threads", help="CPU threads for torch [default: the idle cores]."
+    ),
 ) -> None:
     """Score every training row of a fine-tuned run (higher = more harmful to the query loss)."""
     from infscope.scoring import parse_methods, score_run
 
     methods = parse_methods(method)
+    _set_threads(threads)
     scored = score_run(
         run, methods, query=query, checkpoint=checkpoint, grad_dtype=grad_dtype, batch_size=batch_size
     )

@@ -40,9 +40,21 @@ def _model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over each row's target tokens (labels ``-100`` ignored)."""
-    logits = _logits(model(**_model_inputs(batch)))
+    """Mean next-token cross-entropy over each row's target tokens (labels ``-100`` ignored).
+
+    Only positions that predict some target are projected onto the vocabulary (``logits_to_keep``),
+    which skips most of the language-model head's cost on the shared prompt part of a batch.
+    """
     labels = batch["labels"]
+    inputs = _model_inputs(batch)
+    has_target = (labels != -100).any(dim=0)
+    first = int(torch.nonzero(has_target)[0]) if bool(has_target.any()) else labels.shape[1] - 1
+    keep = labels.shape[1] - max(first - 1, 0)
+    try:
+        logits = _logits(model(**inputs, logits_to_keep=keep))
+    except TypeError:  # models without ``logits_to_keep``
+        logits = _logits(model(**inputs))
+    labels = labels[:, labels.shape[1] - logits.shape[1] :]
     shifted = labels[:, 1:]
     pred = logits[:, :-1].flatten(0, 1)
     if pred.dtype in (torch.float16, torch.bfloat16):  # half-precision softmax loses the small losses
