@@ -1,17 +1,16 @@
 """How well each method finds injected noise on the demo setting, over seeds, with the loss baseline.
 
-Three settings, each over ``--seeds`` (default 0,1,2), every method scored from one fine-tune and
+Two settings, each over ``--seeds`` (default 0,1,2), every method scored from one fine-tune and
 one gradient store per run:
 
-* ``balanced``: the ``infscope demo`` setting (built-in sentence transformations, 20 % balanced
-  grammar/semantic/quality noise, SmolLM2-135M with LoRA r=8, best-validation-loss checkpoint);
-* ``response_swap``: the same with every corrupted row's response replaced by another row's
-  (label-changing noise for instruction data);
+* ``demo``: the ``infscope demo`` setting (built-in sentence transformations, 120 training rows,
+  25 % noise: grammar 0.3, semantic 0.2, quality 0.2 and label-changing response swaps 0.3;
+  SmolLM2-135M with LoRA r=8, 2 epochs, best-validation-loss checkpoint);
 * ``label_flip``: the classification view of the task with MiniLM + LoRA and 20 % uniform label
   flips (the DataInf paper's GLUE protocol on a built-in dataset).
 
-Prints mean AUROC / AP with a 95 % t interval per setting and method (and per noise family for
-``balanced``) as Markdown, and writes the tables under ``--out``. Reruns resume finished runs.
+Prints mean AUROC / AP with a 95 % t interval per setting and method (and per noise family and operator
+for ``demo``) as Markdown, and writes the tables under ``--out``. Reruns resume finished runs.
 
     python3 benchmarks/detection.py --out bench_out/detection
     python3 benchmarks/detection.py --model tiny-llama --seeds 0 --out /tmp/det   # plumbing check
@@ -30,15 +29,14 @@ from infscope.bench.runner import run_bench
 
 SPEC = """
 name: detection
-description: demo-setting detection over seeds, balanced and label-changing noise
+description: demo-setting detection over seeds, and label flips on the classification view
 axes:
   methods: [all]
   seeds: [0, 1, 2]
 grids:
   - datasets: [sentence_transform]
     noise:
-      - {strategy: balanced, ratio: 0.2, label: balanced}
-      - {weights: {response_swap: 1}, ratio: 0.2, label: response_swap}
+      - {weights: {grammar: 0.3, semantic: 0.2, quality: 0.2, response_swap: 0.3}, ratio: 0.25, label: demo}
     models: [{name: MODEL}]
   - datasets: [sentence_transform_cls]
     noise:
@@ -73,17 +71,17 @@ def markdown(aggregate: pd.DataFrame, group: str = "all", metrics=("auroc", "ap"
     return "\n".join(lines)
 
 
-def family_markdown(aggregate: pd.DataFrame, noise: str = "balanced") -> str:
+def family_markdown(aggregate: pd.DataFrame, noise: str = "demo", level: str = "family") -> str:
     """AUROC per noise family (noisy rows of the family vs all clean rows) for one setting."""
     part = aggregate[
-        (aggregate["noise"] == noise) & (aggregate["level"] == "family") & (aggregate["metric"] == "auroc")
+        (aggregate["noise"] == noise) & (aggregate["level"] == level) & (aggregate["metric"] == "auroc")
     ]
     if part.empty:
         return ""
     wide = part.assign(cell=part.apply(_cell, axis=1)).pivot_table(
         index="method", columns="group", values="cell", aggfunc="first"
     )
-    lines = [f"\n**{noise}: AUROC per noise family**\n", "| method | " + " | ".join(wide.columns) + " |"]
+    lines = [f"\n**{noise}: AUROC per noise {level}**\n", "| method | " + " | ".join(wide.columns) + " |"]
     lines.append("|---|" + "---|" * len(wide.columns))
     for method, row in wide.iterrows():
         lines.append(f"| {method} | " + " | ".join(str(v) for v in row) + " |")
@@ -115,6 +113,7 @@ def main() -> None:
     )
     print(markdown(result.aggregate))
     print(family_markdown(result.aggregate))
+    print(family_markdown(result.aggregate, level="operator"))
 
 
 if __name__ == "__main__":

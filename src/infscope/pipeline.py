@@ -35,6 +35,9 @@ from infscope.runs import RunDir, atomic_write_json
 from infscope.scoring import ALL_METHODS, GRADIENT_METHODS, parse_methods
 
 CHECKPOINT_CHOICES = ("best", "last")
+#: The demo's noise: label-preserving grammar and quality noise, semantic noise, and enough
+#: label-changing response swaps (mismatched instruction/response pairs) to measure each family.
+DEMO_NOISE = "grammar=0.3,quality=0.2,response_swap=0.3,semantic=0.2"
 
 
 @dataclass
@@ -42,9 +45,9 @@ class PipelineConfig:
     """Everything one end-to-end run depends on; stored in ``run.json`` so reuse can be checked.
 
     The defaults are the ``infscope demo`` setting: the built-in sentence-transformation task
-    (10 classes, 12 training and 2 validation rows each), 20 % balanced noise, SmolLM2-135M with
+    (10 classes, 12 training and 2 validation rows each), 25 % noise (:data:`DEMO_NOISE`), SmolLM2-135M with
     LoRA r=8 on q_proj/v_proj, 2 epochs at lr 2e-3, scored at the checkpoint with the lowest validation loss.
-    ``noise_ratio=0`` skips noise (attribution experiments).
+    ``noise_ratio=0`` skips noise (attribution experiments); ``noise_weights=None`` uses ``noise_strategy``.
     """
 
     dataset: str = "sentence_transform"
@@ -52,9 +55,9 @@ class PipelineConfig:
     train_per_class: int = 12
     val_per_class: int = 2
     paraphrase: bool = False
-    noise_ratio: float = 0.2
+    noise_ratio: float = 0.25
     noise_strategy: str = "balanced"
-    noise_weights: str | None = None
+    noise_weights: str | None = DEMO_NOISE
     model: str = "smollm2-135m"
     rank: int = 8
     alpha: int = 16

@@ -89,11 +89,15 @@ def demo_command(
     classes: int = typer.Option(10, "--classes", help="Classes of the built-in dataset."),
     train_per_class: int = typer.Option(12, "--train-per-class", help="Training rows per class."),
     val_per_class: int = typer.Option(2, "--val-per-class", help="Validation (query) rows per class."),
-    ratio: float = typer.Option(0.2, "--ratio", help="Share of training rows to corrupt."),
+    ratio: float = typer.Option(0.25, "--ratio", help="Share of training rows to corrupt."),
     strategy: str = typer.Option(
         "balanced", "--strategy", help="Noise strategy (balanced, grammar_heavy, ...)."
     ),
-    weights: str | None = typer.Option(None, "--weights", help="Custom noise weights, e.g. response_swap=1."),
+    weights: str | None = typer.Option(
+        None,
+        "--weights",
+        help="Noise weights over families/operators [default: the demo mix; 'none' uses --strategy].",
+    ),
     epochs: int = typer.Option(2, "--epochs", help="Fine-tuning epochs (one checkpoint each)."),
     lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate."),
     methods: str = typer.Option("all", "--method", help="Comma-separated methods or 'all'."),
@@ -118,7 +122,7 @@ def demo_command(
         val_per_class=val_per_class,
         noise_ratio=ratio,
         noise_strategy=strategy,
-        noise_weights=weights,
+        noise_weights=_demo_weights(weights, strategy),
         model=model,
         epochs=epochs,
         lr=lr,
@@ -144,6 +148,15 @@ def demo_command(
 
         console.print(f"report: {write_report(out)}")
     console.print(f"results: {out}/results/<method>.parquet (ranked rows), {out}/evaluation.json")
+
+
+def _demo_weights(weights: str | None, strategy: str) -> str | None:
+    """The demo mix unless the user chose weights, a strategy, or ``--weights none``."""
+    from infscope.pipeline import DEMO_NOISE
+
+    if weights is not None:
+        return None if weights.lower() == "none" else weights
+    return DEMO_NOISE if strategy == "balanced" else None
 
 
 @app.command("score")
