@@ -112,6 +112,7 @@ def collect_gradients(
     *,
     grad_dtype: str = "float32",
     query_name: str = "val",
+    block_by: str = "matrix",
 ) -> dict[str, Any]:
     """Gradient stores of train and query rows at ``checkpoint`` plus per-row losses.
 
@@ -140,6 +141,7 @@ def collect_gradients(
             out / "grads" / name,
             batch_size=spec.batch_size,
             dtype=grad_dtype,
+            block_by=block_by,
             meta={"checkpoint": str(checkpoint)},
         )
     train_loss = stores["train"].losses()
@@ -372,7 +374,7 @@ def score_run(
     checkpoint: str = "best",
     grad_dtype: str = "float32",
     batch_size: int | None = None,
-    top_k: int | None = None,
+    block_by: str = "matrix",
 ) -> dict[str, Any]:
     """Collect gradients (once per checkpoint and query set) and score a fine-tuned run.
 
@@ -389,7 +391,7 @@ def score_run(
         run.spec.batch_size = int(batch_size)
     query_rows = run.val if query is None else load_rows(query, task=run.spec.task).rows
     query_name = "val" if query is None else "query-" + load_rows(query, task=run.spec.task).fingerprint
-    work = run.path / "scoring" / Path(chosen.path).name
+    work = run.path / "scoring" / (Path(chosen.path).name + ("" if block_by == "matrix" else f"-{block_by}"))
     train_store, query_store = work / "grads" / "train", work / "grads" / query_name
     if not (_complete(train_store) and _complete(query_store) and (work / "losses.parquet").is_file()):
         info = collect_gradients(
@@ -400,7 +402,7 @@ def score_run(
     losses = pd.read_parquet(work / "losses.parquet")
     scored = score_methods(methods, train_grads, query_grads, losses, seed=run.spec.seed)
     for s in scored.values():
-        s.meta.update(checkpoint=str(chosen.path), query=query_name)
+        s.meta.update(checkpoint=str(chosen.path), query=query_name, train_store=str(train_store))
     save_scores(run.path, scored)
     return scored
 

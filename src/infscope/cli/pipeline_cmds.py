@@ -174,6 +174,12 @@ def score_command(
         "float32", "--grad-dtype", help="Gradient store dtype: float32, float16, bfloat16."
     ),
     top: int = typer.Option(10, "--top", help="Rows to show in the harmful / helpful tables."),
+    block_by: str = typer.Option(
+        "matrix", "--block-by", help="Gradient blocks: matrix (each LoRA A/B), module or layer."
+    ),
+    show_blocks: bool = typer.Option(
+        False, "--blocks", help="Print the block inventory (name, rows, dim, shapes)."
+    ),
     threads: int | None = typer.Option(
         None, "--threads", help="CPU threads for torch [default: the idle cores]."
     ),
@@ -184,8 +190,25 @@ def score_command(
     methods = parse_methods(method)
     _set_threads(threads)
     scored = score_run(
-        run, methods, query=query, checkpoint=checkpoint, grad_dtype=grad_dtype, batch_size=batch_size
+        run,
+        methods,
+        query=query,
+        checkpoint=checkpoint,
+        grad_dtype=grad_dtype,
+        batch_size=batch_size,
+        block_by=block_by,
     )
+    first = next(iter(scored.values()))
+    store_path = Path(first.meta["train_store"])
+    from infscope.grads.blocks import block_inventory, format_inventory
+    from infscope.grads.store import GradientStore
+
+    inventory = block_inventory(GradientStore.open(store_path))
+    console.print(
+        f"gradients: {len(inventory)} blocks, {sum(b.dim for b in inventory):,} parameters ({store_path})"
+    )
+    if show_blocks:
+        console.print(format_inventory(inventory), highlight=False)
     timing = Table(title="scores")
     for column in ("method", "seconds", "most harmful", "most helpful"):
         timing.add_column(column)
@@ -197,7 +220,6 @@ def score_command(
             ", ".join(s.helpful(min(top, 3))),
         )
     console.print(timing)
-    first = next(iter(scored.values()))
     frame = first.to_frame().sort_values("rank").head(top)
     table = Table(title=f"top {top} harmful rows by {first.method}")
     for column in ("rank", "id", "score"):
