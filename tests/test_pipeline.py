@@ -111,3 +111,27 @@ def test_bad_inputs_exit_2(tmp_path, capsys):
     assert main(["demo", "--model", "tiny-llama", "--ratio", "1.5", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "unknown method" in err and "outside" in err and "Traceback" not in err
+
+
+def test_tracin_over_checkpoints_is_the_lr_weighted_sum_of_gradient_dot_products(finished):
+    """TracIn = sum over checkpoints of (mean lr of that epoch's steps) * (-mean query grad . train grad)."""
+    from infscope.grads.store import GradientStore
+    from infscope.scoring import score_run
+
+    out, _ = finished
+    tracin = score_run(out, ["tracin"])["tracin"]
+    steps_per_epoch, epochs, peak = 3, 2, 2e-3  # 24 rows / batch 8; PipelineConfig lr
+    total = steps_per_epoch * epochs
+    warmup = int(np.ceil(0.1 * total))
+    factors = [(t + 1) / warmup if t < warmup else 1 - (t - warmup) / (total - warmup) for t in range(total)]
+    expected = np.zeros(len(tracin.train_ids))
+    for epoch in range(1, epochs + 1):
+        weight = peak * np.mean(factors[(epoch - 1) * steps_per_epoch : epoch * steps_per_epoch])
+        train = GradientStore.open(out / "scoring" / f"epoch-{epoch}" / "grads" / "train")
+        val = GradientStore.open(out / "scoring" / f"epoch-{epoch}" / "grads" / "val")
+        assert train.ids == tracin.train_ids
+        for block in train.block_names:
+            G = train.load_block(block, torch.float64).numpy()
+            v = val.load_block(block, torch.float64).numpy().mean(axis=0)
+            expected += weight * -(G @ v)
+    np.testing.assert_allclose(tracin.values, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())

@@ -24,13 +24,15 @@ import pandas as pd
 from infscope.errors import InfscopeError
 
 GRADIENT_METHODS = ("datainf", "lissa", "exact", "hessian_free")
+#: Methods that need gradients at every checkpoint (``infscope score`` only; costs one gradient pass each).
+MULTI_CHECKPOINT_METHODS = ("tracin",)
 BASELINE_METHODS = ("loss", "base_loss", "grad_norm", "random")
 ALL_METHODS = GRADIENT_METHODS + BASELINE_METHODS
 # Pipeline defaults per method. LiSSA's Richardson recursion needs about kappa * ln(1/tol) steps, and
 # with the DataInf damping kappa = lambda_max / lambda can reach 10 * d, so a fixed budget keeps the
 # demo in time; each block's iterations, residual and convergence are recorded in the Scores meta.
 METHOD_OPTIONS: dict[str, dict[str, Any]] = {"lissa": {"max_iter": 300, "tol": 1e-4}}
-METHOD_ALIASES = {"tracin": "hessian_free", "hessian-free": "hessian_free", "base-loss": "base_loss"}
+METHOD_ALIASES = {"hessian-free": "hessian_free", "base-loss": "base_loss"}
 
 
 def parse_methods(spec: str | Sequence[str]) -> list[str]:
@@ -41,8 +43,9 @@ def parse_methods(spec: str | Sequence[str]) -> list[str]:
     out: list[str] = []
     for name in names:
         name = METHOD_ALIASES.get(name, name)
-        if name not in ALL_METHODS:
-            raise InfscopeError(f"unknown method {name!r}; choose from {', '.join(ALL_METHODS)} (or 'all')")
+        if name not in ALL_METHODS + MULTI_CHECKPOINT_METHODS:
+            known = ", ".join(ALL_METHODS + MULTI_CHECKPOINT_METHODS)
+            raise InfscopeError(f"unknown method {name!r}; choose from {known} (or 'all')")
         if name not in out:
             out.append(name)
     if not out:
@@ -400,11 +403,81 @@ def score_run(
         atomic_write_json(work / "gradients.json", info)
     train_grads, query_grads = GradientStore.open(train_store), GradientStore.open(query_store)
     losses = pd.read_parquet(work / "losses.parquet")
-    scored = score_methods(methods, train_grads, query_grads, losses, seed=run.spec.seed)
+    single = [m for m in methods if m not in MULTI_CHECKPOINT_METHODS]
+    scored = score_methods(single, train_grads, query_grads, losses, seed=run.spec.seed)
+    if "tracin" in methods:
+        scored["tracin"] = _tracin_all_checkpoints(run, query_rows, query_name, grad_dtype, block_by)
     for s in scored.values():
         s.meta.update(checkpoint=str(chosen.path), query=query_name, train_store=str(train_store))
     save_scores(run.path, scored)
     return scored
+
+
+def _tracin_all_checkpoints(run: FinetunedRun, query_rows, query_name: str, grad_dtype: str, block_by: str):
+    """TracIn over every saved checkpoint: ``sum_c lr_c (-v_c . g_{z,c})`` with gradients at each one."""
+    from infscope.estimators.registry import get_estimator
+    from infscope.grads.store import GradientStore
+    from infscope.runs import PeakMemory, atomic_write_json
+
+    start = time.perf_counter()
+    pairs, queries = [], []
+    epoch_lrs = mean_epoch_lrs(run.checkpoints)
+    with PeakMemory() as mem:
+        for ckpt in run.checkpoints:
+            work = (
+                run.path
+                / "scoring"
+                / (Path(ckpt.path).name + ("" if block_by == "matrix" else f"-{block_by}"))
+            )
+            train_store, query_store = work / "grads" / "train", work / "grads" / query_name
+            if not (_complete(train_store) and _complete(query_store)):
+                info = collect_gradients(
+                    run.spec,
+                    ckpt.path,
+                    run.train,
+                    query_rows,
+                    work,
+                    grad_dtype=grad_dtype,
+                    query_name=query_name,
+                    block_by=block_by,
+                )
+                atomic_write_json(work / "gradients.json", info)
+            pairs.append((GradientStore.open(train_store), epoch_lrs[ckpt.path]))
+            queries.append(GradientStore.open(query_store))
+        scores = get_estimator("tracin").fit(pairs).score(queries)
+    scores.method = "tracin"
+    scores.meta.update(
+        seconds=round(time.perf_counter() - start, 4),
+        peak_rss_mb=round(mem.peak_rss / 2**20, 1),
+        checkpoints=[str(c.path) for c in run.checkpoints],
+        checkpoint_weights=[epoch_lrs[c.path] for c in run.checkpoints],
+    )
+    return scores
+
+
+def mean_epoch_lrs(checkpoints: Sequence[Any]) -> dict[str, float]:
+    """TracIn's weight of each checkpoint: the mean learning rate of the steps since the previous one.
+
+    The learning rate recorded at a checkpoint is the one after its last step (zero at the end of a
+    linear schedule), so the schedule is replayed from the trainer state instead.
+    """
+    import json
+    import math
+
+    from infscope.models.finetune import lr_factor
+
+    last = checkpoints[-1]
+    state = json.loads((Path(last.path) / "trainer_state.json").read_text())
+    config = state["config"]
+    total = int(last.step)
+    warmup = math.ceil(float(config.get("warmup_ratio", 0.0)) * total)
+    base, schedule = float(config["lr"]), config.get("schedule", "linear")
+    out, previous = {}, 0
+    for c in checkpoints:
+        steps = range(previous, int(c.step))
+        out[c.path] = base * sum(lr_factor(t, total, warmup, schedule) for t in steps) / max(1, len(steps))
+        previous = int(c.step)
+    return out
 
 
 def _complete(store_path: Path) -> bool:
@@ -413,6 +486,6 @@ def _complete(store_path: Path) -> bool:
     if not (store_path / "index.json").is_file():
         return False
     try:
-        return GradientStore.open(store_path).is_complete()
+        return bool(GradientStore.open(store_path).is_complete)
     except InfscopeError:
         return False
