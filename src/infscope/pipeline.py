@@ -75,7 +75,9 @@ class PipelineConfig:
     grad_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        self.methods = tuple(parse_methods(list(self.methods)))
+        # one scored checkpoint: TracIn is the hessian-free score (multi-checkpoint TracIn: `infscope score`)
+        methods = ["hessian_free" if m == "tracin" else m for m in parse_methods(list(self.methods))]
+        self.methods = tuple(dict.fromkeys(methods))
         if not 0 <= self.noise_ratio <= 1:
             raise InfscopeError(f"noise ratio {self.noise_ratio} is outside [0, 1]; pass e.g. --ratio 0.2")
         if self.checkpoint not in CHECKPOINT_CHOICES:

@@ -207,8 +207,12 @@ def score_methods(
                 scores = baselines.from_values(frame[method].to_numpy(), train_grads.ids, method)
             elif method == "grad_norm":
                 scores = baselines.grad_norm_scores(train_grads)
-            else:
+            elif method == "random":
                 scores = baselines.random_scores(train_grads.ids, seed=seed)
+            else:
+                raise InfscopeError(
+                    f"method {method!r} cannot be scored from one checkpoint; use `infscope score`"
+                )
         seconds = time.perf_counter() - start
         scores.meta.update(seconds=round(seconds, 4), peak_rss_mb=round(mem.peak_rss / 2**20, 1))
         out[method] = scores
