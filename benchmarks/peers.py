@@ -22,14 +22,16 @@ import os
 import sys
 from pathlib import Path
 
-import pandas as pd
-import torch
-from rich.console import Console
-from rich.progress import Progress
+os.environ.setdefault("TQDM_DISABLE", "1")  # dattri's per-batch bars (read when tqdm is imported)
 
-from infscope.errors import InfscopeError
-from infscope.peers import PEERS, PeerInputs, compare_peers, run_peer
-from infscope.runs import atomic_write_json, atomic_write_text
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import Progress  # noqa: E402
+
+from infscope.errors import InfscopeError  # noqa: E402
+from infscope.peers import PEERS, PeerInputs, compare_peers, run_peer  # noqa: E402
+from infscope.runs import atomic_write_json, atomic_write_text  # noqa: E402
 
 
 def _gradient_seconds(run_dir: Path) -> float | None:
@@ -49,7 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     console = Console()
-    os.environ.setdefault("TQDM_DISABLE", "1")  # dattri's per-batch bars; ours is the rich bar below
     torch.set_num_threads(args.threads)
     try:
         names = (
