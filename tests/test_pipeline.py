@@ -135,3 +135,28 @@ def test_tracin_over_checkpoints_is_the_lr_weighted_sum_of_gradient_dot_products
             v = val.load_block(block, torch.float64).numpy().mean(axis=0)
             expected += weight * -(G @ v)
     np.testing.assert_allclose(tracin.values, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+
+
+def test_demo_command_defaults_match_the_pipeline_defaults():
+    """The CLI repeats the defaults (importing the pipeline at start-up would load torch for --help)."""
+    import inspect
+
+    from infscope.cli.pipeline_cmds import demo_command
+
+    defaults = PipelineConfig()
+    names = {
+        "train_per_class": "train_per_class",
+        "val_per_class": "val_per_class",
+        "ratio": "noise_ratio",
+        "epochs": "epochs",
+        "lr": "lr",
+        "model": "model",
+        "dataset": "dataset",
+        "classes": "classes",
+        "checkpoint": "checkpoint",
+        "seed": "seed",
+        "strategy": "noise_strategy",
+    }
+    params = inspect.signature(demo_command).parameters
+    for option, field in names.items():
+        assert params[option].default.default == getattr(defaults, field), option
