@@ -63,7 +63,7 @@ def main() -> None:
     agg = result.aggregate
     part = agg[(agg["group"] == "attribution") & agg["metric"].isin(["auc", "recall"])]
     print(
-        f"\n{result.ran} new and {result.skipped} resumed runs in {time.perf_counter() - start:.0f} s "
+        f"\n{len(result.ran)} new and {len(result.skipped)} resumed runs in {time.perf_counter() - start:.0f} s "
         f"({args.model}, {args.train_per_class} train / {args.val_per_class} query rows per class, 10 classes)\n"
     )
     print("| task | method | AUC | recall |")

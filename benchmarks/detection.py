@@ -108,7 +108,7 @@ def main() -> None:
     start = time.perf_counter()
     result = run_bench(spec, args.out, seeds=seeds)
     print(
-        f"\n{len(result.results)} result rows from {result.ran} new and {result.skipped} resumed runs "
+        f"\n{len(result.results)} result rows from {len(result.ran)} new and {len(result.skipped)} resumed runs "
         f"in {time.perf_counter() - start:.0f} s; tables in {args.out}/"
     )
     print(markdown(result.aggregate))
