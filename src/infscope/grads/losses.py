@@ -47,11 +47,14 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch
     """
     labels = batch["labels"]
     inputs = _model_inputs(batch)
-    has_target = (labels != -100).any(dim=0)
-    first = int(torch.nonzero(has_target)[0]) if bool(has_target.any()) else labels.shape[1] - 1
-    keep = labels.shape[1] - max(first - 1, 0)
     try:
-        logits = _logits(model(**inputs, logits_to_keep=keep))
+        has_target = (labels != -100).any(dim=0)
+        first = int(torch.nonzero(has_target)[0]) if bool(has_target.any()) else labels.shape[1] - 1
+        keep = labels.shape[1] - max(first - 1, 0)
+    except RuntimeError:  # under torch.func transforms (vmap) the cut-off cannot be read: keep all
+        keep = 0
+    try:
+        logits = _logits(model(**inputs, logits_to_keep=keep) if keep else model(**inputs))
     except TypeError:  # models without ``logits_to_keep``
         logits = _logits(model(**inputs))
     labels = labels[:, labels.shape[1] - logits.shape[1] :]
