@@ -32,7 +32,7 @@ import pandas as pd
 
 from infscope.errors import InfscopeError
 from infscope.runs import RunDir, atomic_write_json
-from infscope.scoring import ALL_METHODS, GRADIENT_METHODS, parse_methods
+from infscope.scoring import ALL_METHODS, GRADIENT_METHODS, parse_methods, row_task
 
 CHECKPOINT_CHOICES = ("best", "last")
 #: The demo's noise: label-preserving grammar and quality noise, semantic noise, and enough
@@ -112,14 +112,6 @@ def _read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def _task(rows: list[dict]) -> str:
-    return "classification" if rows and "label" in rows[0] and "output" not in rows[0] else "instruction"
-
-
-def _model_task(task: str) -> str:
-    return "classification" if task == "classification" else "causal"
-
-
 # ---------------------------------------------------------------- stages
 
 
@@ -167,7 +159,7 @@ def stage_noise(
 
                 result = inject_noise(
                     train,
-                    task=_task(train),
+                    task=row_task(train),
                     ratio=cfg.noise_ratio,
                     strategy=cfg.noise_strategy,
                     weights=cfg.noise_weights,
@@ -197,7 +189,7 @@ def _model_spec(cfg: PipelineConfig, train: list[dict], label_names):
 
     return ModelSpec(
         name=cfg.model,
-        task=_task(train),
+        task=row_task(train),
         label_names=label_names,
         max_length=cfg.max_length,
         batch_size=cfg.batch_size,
@@ -231,7 +223,7 @@ def stage_finetune(run: RunDir, cfg: PipelineConfig, train, val, label_names) ->
                 dtype=cfg.dtype,
                 lora=_lora_spec(cfg),
             )
-            labels = label_names if _task(train) == "classification" else None
+            labels = label_names if row_task(train) == "classification" else None
             result = finetune(loaded, train, val, ft_config, run.file("finetune"), label_names=labels)
             chosen = result.best if cfg.checkpoint == "best" else result.checkpoints[-1]
             rec.info.update(

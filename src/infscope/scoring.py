@@ -53,6 +53,11 @@ def parse_methods(spec: str | Sequence[str]) -> list[str]:
     return out
 
 
+def row_task(rows: Sequence[dict]) -> str:
+    """``classification`` for text + label rows, else ``instruction``."""
+    return "classification" if rows and "label" in rows[0] and "output" not in rows[0] else "instruction"
+
+
 @dataclass
 class ModelSpec:
     """How to rebuild the base model and encode rows exactly as during fine-tuning."""
@@ -186,6 +191,7 @@ def score_methods(
     from infscope.runs import PeakMemory
 
     options = options or {}
+    train_grads = _in_memory_if_small(train_grads)
     out = {}
     for method in methods:
         start = time.perf_counter()
@@ -219,6 +225,16 @@ def score_methods(
         if on_method:
             on_method(method, seconds)
     return out
+
+
+def _in_memory_if_small(grads, limit_bytes: int = 2 << 30):
+    """Load an on-disk store once when it fits in ``limit_bytes``, so methods do not each reread it."""
+    from infscope.grads.base import InMemoryGradients, to_memory
+
+    if isinstance(grads, InMemoryGradients):
+        return grads
+    size = 4 * len(grads.ids) * sum(grads.block_dim(b) for b in grads.block_names)
+    return to_memory(grads) if size <= limit_bytes else grads
 
 
 def save_scores(run_dir: str | Path, scored: dict[str, Any], *, suffix: str = "") -> None:
@@ -343,12 +359,9 @@ def open_finetuned_run(run_dir: str | Path) -> FinetunedRun:
         train = load_rows(str(path / "data" / "train.jsonl")).rows
         val = load_rows(str(path / "data" / "val.jsonl")).rows
         label_names = record.get("stages", {}).get("data", {}).get("info", {}).get("label_names")
-        task = (
-            "classification" if train and "label" in train[0] and "output" not in train[0] else "instruction"
-        )
         spec = ModelSpec(
             name=args["model"],
-            task=task,
+            task=row_task(train),
             label_names=label_names,
             max_length=int(args.get("max_length", 128)),
             batch_size=int(args.get("batch_size", 8)),
@@ -396,8 +409,11 @@ def score_run(
     chosen = pick_checkpoint(run, checkpoint)
     if batch_size:
         run.spec.batch_size = int(batch_size)
-    query_rows = run.val if query is None else load_rows(query, task=run.spec.task).rows
-    query_name = "val" if query is None else "query-" + load_rows(query, task=run.spec.task).fingerprint
+    if query is None:
+        query_rows, query_name = run.val, "val"
+    else:
+        loaded_query = load_rows(query, task=run.spec.task)
+        query_rows, query_name = loaded_query.rows, "query-" + loaded_query.fingerprint
     work = run.path / "scoring" / (Path(chosen.path).name + ("" if block_by == "matrix" else f"-{block_by}"))
     train_store, query_store = work / "grads" / "train", work / "grads" / query_name
     if not (_complete(train_store) and _complete(query_store) and (work / "losses.parquet").is_file()):

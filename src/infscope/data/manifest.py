@@ -72,22 +72,9 @@ def _parse_lines(path: Path) -> list[dict[str, Any]]:
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise InfscopeError(f"cannot read manifest {path} ({exc}); check the path and permissions") from None
-    records = []
-    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 may be in values
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InfscopeError(
-                f"malformed JSON on line {number} of manifest {path} ({exc.msg}); fix or regenerate the manifest"
-            ) from None
-        if not isinstance(record, dict):
-            raise InfscopeError(
-                f"line {number} of manifest {path} is not a JSON object; regenerate the manifest"
-            )
-        records.append(record)
-    return records
+    from infscope.data.readers import parse_jsonl
+
+    return parse_jsonl(text, f"manifest {path}", "fix or regenerate the manifest")
 
 
 def _as_bool(series: pd.Series, name: str, path: Path) -> pd.Series:

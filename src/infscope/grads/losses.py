@@ -47,10 +47,10 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch
     """
     labels = batch["labels"]
     inputs = _model_inputs(batch)
+    from infscope.models.loss import positions_to_keep
+
     try:
-        has_target = (labels != -100).any(dim=0)
-        first = int(torch.nonzero(has_target)[0]) if bool(has_target.any()) else labels.shape[1] - 1
-        keep = labels.shape[1] - max(first - 1, 0)
+        keep = positions_to_keep(labels)
     except RuntimeError:  # under torch.func transforms (vmap) the cut-off cannot be read: keep all
         keep = 0
     try:

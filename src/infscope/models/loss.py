@@ -49,7 +49,7 @@ def forward_logits(
     return out.logits
 
 
-def _positions_to_keep(labels: torch.Tensor) -> int:
+def positions_to_keep(labels: torch.Tensor) -> int:
     """How many final positions of a causal batch produce logits that some target needs.
 
     The logit at position ``t`` predicts label ``t + 1``, so positions before the earliest target
@@ -72,7 +72,7 @@ def forward_losses(
     labels = batch["labels"].to(device)
     if labels.ndim == 1:
         return token_loss(forward_logits(model, batch, device), labels)
-    keep = _positions_to_keep(labels)
+    keep = positions_to_keep(labels)
     inputs = {
         "input_ids": batch["input_ids"].to(device),
         "attention_mask": batch["attention_mask"].to(device),
