@@ -62,6 +62,7 @@ class PipelineConfig:
     rank: int = 8
     alpha: int = 16
     target_modules: str | None = None
+    lora_layers: str | None = None
     epochs: int = 2
     lr: float = 2e-3
     batch_size: int = 8
@@ -203,7 +204,7 @@ def _lora_spec(cfg: PipelineConfig):
     from infscope.models.lora import LoraSpec
 
     targets = [t.strip() for t in cfg.target_modules.split(",")] if cfg.target_modules else None
-    return LoraSpec(r=cfg.rank, alpha=cfg.alpha, dropout=0.0, target_modules=targets)
+    return LoraSpec(r=cfg.rank, alpha=cfg.alpha, dropout=0.0, target_modules=targets, layers=cfg.lora_layers)
 
 
 def stage_finetune(run: RunDir, cfg: PipelineConfig, train, val, label_names) -> dict[str, Any]:

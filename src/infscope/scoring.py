@@ -132,6 +132,7 @@ def collect_gradients(
     from infscope.grads.store import collect_to_store
     from infscope.models.lora import load_adapter
     from infscope.models.loss import per_example_loss
+    from infscope.models.prefix import PrefixStates, adapter_first_layer, frozen_prefix
     from infscope.runs import atomic_path
 
     if not query:
@@ -139,22 +140,26 @@ def collect_gradients(
     out = Path(out_dir)
     loaded = spec.load_base()
     enc_train, enc_query = spec.encode(train, loaded.tokenizer), spec.encode(query, loaded.tokenizer)
-    base_loss = per_example_loss(loaded.model, enc_train, batch_size=spec.batch_size)
+    depth = adapter_first_layer(checkpoint)
+    prefix = PrefixStates(depth) if depth else None  # shared by the base-model and adapter passes
+    with frozen_prefix(loaded.model, prefix):
+        base_loss = per_example_loss(loaded.model, enc_train, batch_size=spec.batch_size)
     model = load_adapter(loaded, checkpoint)
     stores = {}
-    for name, enc in (("train", enc_train), (query_name, enc_query)):
-        stores[name] = collect_to_store(
-            model,
-            enc,
-            out / "grads" / name,
-            batch_size=spec.batch_size,
-            dtype=grad_dtype,
-            block_by=block_by,
-            meta={"checkpoint": str(checkpoint)},
-        )
-    train_loss = stores["train"].losses()
-    if train_loss is None:
-        train_loss = per_example_loss(model, enc_train, batch_size=spec.batch_size)
+    with frozen_prefix(model, prefix):
+        for name, enc in (("train", enc_train), (query_name, enc_query)):
+            stores[name] = collect_to_store(
+                model,
+                enc,
+                out / "grads" / name,
+                batch_size=spec.batch_size,
+                dtype=grad_dtype,
+                block_by=block_by,
+                meta={"checkpoint": str(checkpoint)},
+            )
+        train_loss = stores["train"].losses()
+        if train_loss is None:
+            train_loss = per_example_loss(model, enc_train, batch_size=spec.batch_size)
     losses = pd.DataFrame({"id": enc_train.ids, "loss": np.asarray(train_loss), "base_loss": base_loss})
     with atomic_path(out / "losses.parquet") as tmp:
         losses.to_parquet(tmp, index=False)

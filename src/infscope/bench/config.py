@@ -40,6 +40,7 @@ MODEL_KEYS = (
     "rank",
     "alpha",
     "target_modules",
+    "lora_layers",
     "epochs",
     "lr",
     "batch_size",
@@ -313,6 +314,15 @@ def _parse_model(entry: Any, where: str) -> ModelAxis:
         targets = entry["target_modules"]
         names = targets if isinstance(targets, (list, tuple)) else str(targets).split(",")
         options["target_modules"] = ",".join(_str(t, f"{where}.target_modules") for t in names)
+    if "lora_layers" in entry:
+        from infscope.models.lora import LoraSpec
+
+        layers = str(entry["lora_layers"])
+        try:
+            LoraSpec(layers=layers)
+        except InfscopeError as exc:
+            raise _fail(f"{where}.lora_layers", str(exc)) from None
+        options["lora_layers"] = layers
     if "checkpoint" in entry:
         checkpoint = _str(entry["checkpoint"], f"{where}.checkpoint")
         if checkpoint not in CHECKPOINT_CHOICES:

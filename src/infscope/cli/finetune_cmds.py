@@ -75,6 +75,12 @@ def finetune_command(
     target_modules: str | None = typer.Option(
         None, "--target-modules", help="Comma-separated module names for LoRA [default: q/v projections]."
     ),
+    lora_layers: str | None = typer.Option(
+        None,
+        "--lora-layers",
+        help="Decoder layers that get LoRA: all, top:N or a list like 20-29 [default: all]. "
+        "With top:N the frozen layers below run once per row and are cached.",
+    ),
     max_length: int = typer.Option(256, "--max-length", help="Maximum tokens per row (longer rows are cut)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the split, LoRA init, batch order and dropout."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps."),
@@ -104,7 +110,7 @@ def finetune_command(
         response_only=not full_text,
         device=device,
         dtype=dtype,
-        lora=LoraSpec(r=rank, alpha=alpha, target_modules=targets),
+        lora=LoraSpec(r=rank, alpha=alpha, target_modules=targets, layers=lora_layers),
     )
     loaded_data = load_rows(data)
     if val is not None:

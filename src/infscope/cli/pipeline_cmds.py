@@ -100,6 +100,9 @@ def demo_command(
     ),
     epochs: int = typer.Option(2, "--epochs", help="Fine-tuning epochs (one checkpoint each)."),
     lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate."),
+    lora_layers: str | None = typer.Option(
+        None, "--lora-layers", help="Decoder layers that get LoRA: all, top:N or a list like 20-29."
+    ),
     methods: str = typer.Option("all", "--method", help="Comma-separated methods or 'all'."),
     checkpoint: str = typer.Option("best", "--checkpoint", help="Score the best (lowest val loss) or last."),
     seed: int = typer.Option(0, "--seed", help="Seed for data, noise, LoRA init and batch order."),
@@ -126,6 +129,7 @@ def demo_command(
         model=model,
         epochs=epochs,
         lr=lr,
+        lora_layers=lora_layers,
         methods=tuple(methods.split(",")),
         checkpoint=checkpoint,
         seed=seed,

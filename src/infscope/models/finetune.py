@@ -27,6 +27,7 @@ from infscope.errors import InfscopeError
 from infscope.models.encode import Encoded, batch_order, collate, encode_rows
 from infscope.models.lora import LoraSpec, attach_lora, trainable_parameters
 from infscope.models.loss import check_finite, forward_losses, per_example_loss
+from infscope.models.prefix import frozen_prefix
 from infscope.models.registry import LoadedModel, resolve_device, resolve_dtype
 from infscope.runs import atomic_write_json, ensure_writable_dir
 
@@ -393,6 +394,7 @@ def finetune(
     with (
         Progress(*columns, disable=not progress, transient=True) as bar,
         torch.random.fork_rng(devices=fork_devices),
+        frozen_prefix(model),
     ):
         task_id = bar.add_task(
             "train", total=trainer.total, completed=trainer.step, epoch=start_epoch + 1, loss=0.0

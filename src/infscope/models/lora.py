@@ -47,6 +47,10 @@ class LoraSpec:
     alpha: float = 16
     dropout: float = 0.0
     target_modules: list[str] | None = None
+    #: Which decoder layers get adapters: ``None``/``"all"``, ``"top:N"`` (the last N) or a list such
+    #: as ``"20-29"`` / ``"0,2,4"``. Tuning only the top layers lets the frozen bottom run once per row
+    #: (:mod:`infscope.models.prefix`).
+    layers: str | None = None
 
     def __post_init__(self) -> None:
         if int(self.r) < 1:
@@ -59,10 +63,58 @@ class LoraSpec:
             self.target_modules = [str(t) for t in self.target_modules if str(t).strip()]
             if not self.target_modules:
                 raise InfscopeError("target_modules is empty; name at least one module or leave it unset")
+        if self.layers is not None:
+            self.layers = str(self.layers).strip() or None
+            if self.layers is not None and self.layers != "all":
+                parse_layers(self.layers, None)  # syntax check now; range check once the model is known
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for configs and fingerprints)."""
         return asdict(self)
+
+
+def parse_layers(spec: str | None, n_layers: int | None) -> list[int] | None:
+    """Decoder layer indices of a ``--lora-layers`` spec (``None`` = all layers).
+
+    ``"all"``, ``"top:N"`` (the last N of ``n_layers``), ``"a-b"`` ranges and comma lists, e.g. ``"0,20-29"``.
+    """
+    if spec is None or spec == "all":
+        return None
+    bad = InfscopeError(
+        f"--lora-layers {spec!r} is not understood; use all, top:N (the last N layers) or a list like 20-29"
+    )
+    if spec.startswith("top:"):
+        try:
+            count = int(spec[4:])
+        except ValueError:
+            raise bad from None
+        if count < 1:
+            raise bad
+        if n_layers is None:
+            return []
+        if count > n_layers:
+            raise InfscopeError(f"--lora-layers {spec} asks for more than the model's {n_layers} layers")
+        return list(range(n_layers - count, n_layers))
+    indices: set[int] = set()
+    for part in spec.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            first, last = int(lo), int(hi or lo)
+        except ValueError:
+            raise bad from None
+        if first < 0 or last < first:
+            raise bad
+        indices.update(range(first, last + 1))
+    if n_layers is not None and max(indices) >= n_layers:
+        raise InfscopeError(
+            f"--lora-layers {spec} names layer {max(indices)}, but the model has {n_layers} layers"
+        )
+    return sorted(indices)
+
+
+def _layer_count(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
 
 
 def _unwrap(loaded_or_model: Any) -> nn.Module:
@@ -108,7 +160,11 @@ def attach_lora(loaded_or_model: Any, spec: LoraSpec | None = None, *, seed: int
         )
     classifier = _is_classifier(model)
     targets = spec.target_modules or default_targets(model)
+    layers = parse_layers(spec.layers, _layer_count(model)) if spec.layers else None
+    if layers is not None and _layer_count(model) is None:
+        raise InfscopeError("cannot tell how many layers this model has; leave --lora-layers at all")
     config = LoraConfig(
+        layers_to_transform=layers,
         r=int(spec.r),
         lora_alpha=float(spec.alpha),
         lora_dropout=float(spec.dropout),
