@@ -4,7 +4,7 @@ Two settings, each over ``--seeds`` (default 0,1,2), every method scored from on
 one gradient store per run:
 
 * ``demo``: the ``infscope demo`` setting (built-in sentence transformations, 120 training rows,
-  25 % noise: grammar 0.3, semantic 0.2, quality 0.2 and label-changing response swaps 0.3;
+  20 % noise: grammar 0.3, semantic 0.2, quality 0.2 and label-changing response swaps 0.3;
   SmolLM2-135M with LoRA r=8, 2 epochs, best-validation-loss checkpoint);
 * ``label_flip``: the classification view of the task with MiniLM + LoRA and 20 % uniform label
   flips (the DataInf paper's GLUE protocol on a built-in dataset).
@@ -36,7 +36,7 @@ axes:
 grids:
   - datasets: [sentence_transform]
     noise:
-      - {weights: {grammar: 0.3, semantic: 0.2, quality: 0.2, response_swap: 0.3}, ratio: 0.25, label: demo}
+      - {weights: {grammar: 0.3, semantic: 0.2, quality: 0.2, response_swap: 0.3}, ratio: 0.2, label: demo}
     models: [{name: MODEL}]
   - datasets: [sentence_transform_cls]
     noise:
@@ -99,11 +99,28 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1 is safest on shared cores)"
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Model option of the demo setting, e.g. --set epochs=4 --set lora_layers=top:10 (repeatable).",
+    )
+    parser.add_argument(
+        "--cls-set", action="append", default=[], metavar="KEY=VALUE", help="Model option of label_flip."
+    )
+    parser.add_argument("--only", choices=("demo", "label_flip"), help="Run one setting only.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    spec = parse_spec(
-        __import__("yaml").safe_load(SPEC.replace("CLS_MODEL", args.cls_model).replace("MODEL", args.model))
-    )
+    yaml = __import__("yaml")
+    raw = yaml.safe_load(SPEC.replace("CLS_MODEL", args.cls_model).replace("MODEL", args.model))
+    for grid, items in ((0, args.set), (1, args.cls_set)):
+        for item in items:
+            key, _, value = item.partition("=")
+            raw["grids"][grid]["models"][0][key.strip()] = yaml.safe_load(value)
+    if args.only:
+        raw["grids"] = [g for g in raw["grids"] if g["noise"][0]["label"] == args.only]
+    spec = parse_spec(raw)
     seeds = tuple(int(s) for s in args.seeds.split(","))
     start = time.perf_counter()
     result = run_bench(spec, args.out, seeds=seeds)

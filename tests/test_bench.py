@@ -84,6 +84,10 @@ def _with_axes(**changes) -> dict:
             "unknown key 'epoch'; valid keys: name, label, rank",
         ),
         (_with_axes(models=["minilm"]), "model 'minilm' cannot do causal"),
+        (
+            _with_axes(models=[{"name": "tiny-llama", "lora_layers": "top:none"}]),
+            "axes.models[0].lora_layers: --lora-layers 'top:none' is not understood",
+        ),
         (_with_axes(methods=["datainf", "magic"]), "axes.methods: unknown method 'magic'"),
         (_with_axes(seeds=[0, 0]), "axes.seeds: repeats a seed"),
         (_with_axes(attribution="yes"), "axes.attribution: must be true or false"),
@@ -158,6 +162,9 @@ def test_expansion_counts_names_and_configs():
         seed=7,
     )
     assert combos[6].config.paraphrase is True and combos[6].config.classes == 10
+    yaml_text = "name: y\naxes: {datasets: [sentence_transform], models: [{name: tiny-llama, lr: 2e-3, lora_layers: top:1}]}"
+    (only,) = expand_spec(parse_spec(yaml.safe_load(yaml_text)))
+    assert (only.config.lr, only.config.lora_layers) == (0.002, "top:1")  # YAML reads 2e-3 as a string
     overridden = expand_spec(parse_spec(data), seeds=[0, 1, 2])
     assert len(overridden) == 2 * 3 * 3
     assert sorted({c.seed for c in overridden}) == [0, 1, 2]

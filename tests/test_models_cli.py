@@ -52,6 +52,14 @@ def test_finetune_command_writes_checkpoints_and_table(data_file, tmp_path, caps
     assert "other arguments" in capsys.readouterr().err
 
 
+def test_lora_layers_option_tunes_only_the_named_layers(data_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["finetune", str(data_file), "--model", "tiny-llama", "--out", str(out), "--epochs", "1"]
+    assert main([*argv, "--lora-layers", "top:1"]) == 0
+    adapter = json.loads((out / "finetune" / "checkpoints" / "epoch-1" / "adapter_config.json").read_text())
+    assert adapter["layers_to_transform"] == [1]  # tiny-llama has 2 decoder layers
+
+
 def test_finetune_classification_builtin(tmp_path, capsys):
     data = tmp_path / "cls.jsonl"
     rows = [{"id": str(i), "text": "good day" if i % 2 else "bad day", "label": i % 2} for i in range(10)]
@@ -69,6 +77,8 @@ def test_finetune_classification_builtin(tmp_path, capsys):
         (["--epochs", "0"], "epochs"),
         (["--dtype", "float8"], "dtype"),
         (["--model", "tiny-llama", "--target-modules", "nope"], "target"),
+        (["--lora-layers", "top:x"], "--lora-layers"),
+        (["--lora-layers", "5"], "--lora-layers"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(data_file, tmp_path, capsys, extra, message):

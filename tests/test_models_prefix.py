@@ -183,3 +183,54 @@ def test_dropout_in_training_does_not_pass_for_a_disagreement():
     with frozen_prefix(model) as cache:
         model(**data).loss.backward()
         assert cache.checked and not cache.disabled
+
+
+def test_gradient_stores_with_and_without_the_prefix_cache_agree(tmp_path, monkeypatch):
+    """collect_gradients on a top-layer adapter (prefix cache on) equals the same passes with the cache off."""
+    import numpy as np
+
+    from infscope.models.finetune import FinetuneConfig, finetune
+    from infscope.models.prefix import adapter_first_layer
+    from infscope.models.registry import load_model
+    from infscope.scoring import ModelSpec, collect_gradients
+
+    rows = [
+        {"id": f"r{i}", "instruction": f"Add one to {i}.", "input": "", "output": f"The answer is {i + 1}."}
+        for i in range(10)
+    ]
+    config = FinetuneConfig(epochs=1, batch_size=4, lr=5e-3, lora=LoraSpec(r=2, layers="top:1"))
+    result = finetune(load_model("tiny-llama"), rows[:8], rows[8:], config, tmp_path / "ft", progress=False)
+    checkpoint = result.checkpoints[-1].path
+    assert adapter_first_layer(checkpoint) == 1
+    spec = ModelSpec(name="tiny-llama", task="causal", max_length=64, batch_size=3)
+    import infscope.models.prefix as prefix
+
+    found = []
+    original_get = prefix.PrefixStates.get
+
+    def spy(self, key):
+        state = original_get(self, key)
+        found.append(state is not None)
+        return state
+
+    monkeypatch.setattr(prefix.PrefixStates, "get", spy)
+    fast = collect_gradients(spec, checkpoint, rows[:8], rows[8:], tmp_path / "fast")
+    # base-loss pass fills the cache with the 8 training rows; their gradient pass hits it; 2 query rows miss
+    assert (len(found), sum(found)) == (18, 8)
+    monkeypatch.setattr(prefix, "adapter_first_layer", lambda _: None)  # cache off: full model every pass
+    slow = collect_gradients(spec, checkpoint, rows[:8], rows[8:], tmp_path / "slow")
+    import pandas as pd
+
+    from infscope.grads.store import GradientStore
+
+    assert fast["train_rows"] == slow["train_rows"] == 8
+    for name in ("train", "val"):
+        a, b = (GradientStore.open(tmp_path / run / "grads" / name) for run in ("fast", "slow"))
+        assert a.block_names == b.block_names
+        for block in a.block_names:
+            np.testing.assert_allclose(
+                a.load_block(block).numpy(), b.load_block(block).numpy(), rtol=1e-4, atol=1e-7
+            )
+    fast_loss, slow_loss = (pd.read_parquet(tmp_path / run / "losses.parquet") for run in ("fast", "slow"))
+    for column in ("loss", "base_loss"):
+        np.testing.assert_allclose(fast_loss[column], slow_loss[column], rtol=1e-5)

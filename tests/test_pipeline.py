@@ -156,6 +156,7 @@ def test_demo_command_defaults_match_the_pipeline_defaults():
         "checkpoint": "checkpoint",
         "seed": "seed",
         "strategy": "noise_strategy",
+        "lora_layers": "lora_layers",
     }
     params = inspect.signature(demo_command).parameters
     for option, field in names.items():

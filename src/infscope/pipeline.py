@@ -45,7 +45,7 @@ class PipelineConfig:
     """Everything one end-to-end run depends on; stored in ``run.json`` so reuse can be checked.
 
     The defaults are the ``infscope demo`` setting: the built-in sentence-transformation task
-    (10 classes, 12 training and 2 validation rows each), 25 % noise (:data:`DEMO_NOISE`), SmolLM2-135M with
+    (10 classes, 12 training and 2 validation rows each), 20 % noise (:data:`DEMO_NOISE`), SmolLM2-135M with
     LoRA r=8 on q_proj/v_proj, 2 epochs at lr 2e-3, scored at the checkpoint with the lowest validation loss.
     ``noise_ratio=0`` skips noise (attribution experiments); ``noise_weights=None`` uses ``noise_strategy``.
     """
@@ -55,7 +55,7 @@ class PipelineConfig:
     train_per_class: int = 12
     val_per_class: int = 2
     paraphrase: bool = False
-    noise_ratio: float = 0.25
+    noise_ratio: float = 0.2
     noise_strategy: str = "balanced"
     noise_weights: str | None = DEMO_NOISE
     model: str = "smollm2-135m"

@@ -142,6 +142,7 @@ def collect_gradients(
     enc_train, enc_query = spec.encode(train, loaded.tokenizer), spec.encode(query, loaded.tokenizer)
     depth = adapter_first_layer(checkpoint)
     prefix = PrefixStates(depth) if depth else None  # shared by the base-model and adapter passes
+    loaded.model.requires_grad_(False)  # the base model is only evaluated; the adapter brings its own weights
     with frozen_prefix(loaded.model, prefix):
         base_loss = per_example_loss(loaded.model, enc_train, batch_size=spec.batch_size)
     model = load_adapter(loaded, checkpoint)

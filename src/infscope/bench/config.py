@@ -307,6 +307,11 @@ def _parse_model(entry: Any, where: str) -> ModelAxis:
             options[key] = _int(entry[key], f"{where}.{key}")
     if "lr" in entry:
         lr = entry["lr"]
+        if isinstance(lr, str):  # YAML 1.1 reads 2e-3 (no dot) as a string
+            try:
+                lr = float(lr)
+            except ValueError:
+                pass
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
             raise _fail(f"{where}.lr", f"must be a positive number like 1e-3 (got {lr!r})")
         options["lr"] = float(lr)

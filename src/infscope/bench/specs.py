@@ -26,12 +26,12 @@ DEMO = """
 name: demo
 description: >-
   The `infscope demo` setting (PipelineConfig defaults: sentence_transform with 10 classes x 12
-  training rows, 25% noise mixing grammar, semantic, quality and response swaps, SmolLM2-135M with LoRA r=8, 2 epochs) over three seeds,
+  training rows, 20% noise mixing grammar, semantic, quality and response swaps, SmolLM2-135M with LoRA r=8, 2 epochs) over three seeds,
   so every number gets a mean and a 95% interval.
 axes:
   datasets: [sentence_transform]
   noise:
-    - {weights: {grammar: 0.3, semantic: 0.2, quality: 0.2, response_swap: 0.3}, ratio: 0.25, label: demo}
+    - {weights: {grammar: 0.3, semantic: 0.2, quality: 0.2, response_swap: 0.3}, ratio: 0.2, label: demo}
   models: [smollm2-135m]
   methods: [all]
   seeds: [0, 1, 2]

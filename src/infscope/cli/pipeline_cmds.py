@@ -89,7 +89,7 @@ def demo_command(
     classes: int = typer.Option(10, "--classes", help="Classes of the built-in dataset."),
     train_per_class: int = typer.Option(12, "--train-per-class", help="Training rows per class."),
     val_per_class: int = typer.Option(2, "--val-per-class", help="Validation (query) rows per class."),
-    ratio: float = typer.Option(0.25, "--ratio", help="Share of training rows to corrupt."),
+    ratio: float = typer.Option(0.2, "--ratio", help="Share of training rows to corrupt."),
     strategy: str = typer.Option(
         "balanced", "--strategy", help="Noise strategy (balanced, grammar_heavy, ...)."
     ),
