@@ -6,7 +6,7 @@ one gradient store per run:
 * ``demo``: the ``infscope demo`` setting (built-in sentence transformations, 120 training rows,
   20 % noise: grammar 0.3, semantic 0.2, quality 0.2 and label-changing response swaps 0.3;
   SmolLM2-135M with LoRA r=8, 2 epochs, best-validation-loss checkpoint);
-* ``label_flip``: the classification view of the task with MiniLM + LoRA and 20 % uniform label
+* ``label_flip``: the classification view of the task with MiniLM + LoRA (3 epochs) and 20 % uniform label
   flips (the DataInf paper's GLUE protocol on a built-in dataset).
 
 Prints mean AUROC / AP with a 95 % t interval per setting and method (and per noise family and operator
@@ -41,7 +41,7 @@ grids:
   - datasets: [sentence_transform_cls]
     noise:
       - {weights: {label: 1}, ratio: 0.2, label: label_flip}
-    models: [{name: CLS_MODEL, max_length: 64}]
+    models: [{name: CLS_MODEL, max_length: 64, epochs: 3}]
 """
 
 

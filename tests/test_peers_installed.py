@@ -20,6 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from infscope.estimators.registry import get_estimator
 from infscope.grads.hooks import compute_gradients, lora_linear_names
+from infscope.grads.losses import default_loss
 from infscope.models.encode import Encoded
 from infscope.peers import PeerInputs, run_peer
 from infscope.peers.agreement import max_rel_diff, spearman
@@ -125,6 +126,34 @@ def test_dattri_tracin_ranks_like_our_tracin(tiny):
     result = run_peer("dattri_tracin", inputs, proj_dim=512)
     assert_duplicate_most_helpful(result)
     assert spearman(result.scores, ours["hessian_free"]) > 0.9
+
+
+def test_dattri_trak_sign_probability_and_ranking(tiny):
+    """TRAK on the tiny run: the duplicate is most helpful, scaled by ``1 - p``, ranks agree with ours.
+
+    With 8 rows and a small ``lambda`` TRAK least-squares fits the query gradient by the training
+    gradients: the query *is* the duplicate's gradient, so its coefficient is 1 and its score is
+    ``-(1 - p_dup)`` with ``p = exp(-loss)``; the other rows are small. A large ``lambda`` makes TRAK a
+    ``(1 - p)``-weighted TracIn, close in rank to our hessian-free scores.
+    """
+    pytest.importorskip("dattri")
+    inputs, ours = tiny
+    result = run_peer("dattri_trak", inputs)
+    assert_duplicate_most_helpful(result)
+    assert result.meta["proj_dim"] == 512 and result.meta["regularization"] > 0
+    query = inputs.val_rows[0]
+    with torch.no_grad():
+        batch = {"input_ids": torch.tensor([query["input_ids"]]), "labels": torch.tensor([query["labels"]])}
+        p_query = float(torch.exp(-default_loss(inputs.load_model(), batch)))
+    dup = result.train_ids.index("dup")
+    assert result.scores[dup] == pytest.approx(-(1 - p_query), rel=0.01)  # observed 0.36% off
+    rho = spearman(result.scores, ours["hessian_free"])
+    heavy = run_peer("dattri_trak", inputs, regularization=1e4 * result.meta["regularization"])
+    rho_heavy = spearman(heavy.scores, ours["hessian_free"])
+    print(f"dattri_trak spearman vs hessian_free: {rho:.3f} (default), {rho_heavy:.3f} (heavy lambda)")
+    assert rho > 0.35  # observed 0.595
+    assert_duplicate_most_helpful(heavy)
+    assert rho_heavy > 0.8  # observed 0.929
 
 
 class StubClassifier(nn.Module):

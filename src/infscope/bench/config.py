@@ -20,6 +20,7 @@ spec) and the valid keys, before anything runs.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import re
@@ -308,10 +309,8 @@ def _parse_model(entry: Any, where: str) -> ModelAxis:
     if "lr" in entry:
         lr = entry["lr"]
         if isinstance(lr, str):  # YAML 1.1 reads 2e-3 (no dot) as a string
-            try:
+            with contextlib.suppress(ValueError):
                 lr = float(lr)
-            except ValueError:
-                pass
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
             raise _fail(f"{where}.lr", f"must be a positive number like 1e-3 (got {lr!r})")
         options["lr"] = float(lr)

@@ -43,7 +43,7 @@ description: >-
   The DataInf paper's experiments on our generators: class attribution (AUC and recall of each
   query's top-scored training rows sharing its class) on the three synthetic tasks without noise,
   with SmolLM2-135M; and label-flip detection (uniform flips of 20% of labels) on the
-  classification version of sentence transformation with MiniLM, by AUROC and detection curve.
+  classification version of sentence transformation with MiniLM (3 epochs), by AUROC and detection curve.
 axes:
   methods: [datainf, hessian_free, exact, lissa]
   seeds: [0, 1, 2]
@@ -56,7 +56,7 @@ grids:
   - datasets: [sentence_transform_cls]
     noise:
       - {weights: {label: 1}, ratio: 0.2}
-    models: [minilm]
+    models: [{name: minilm, epochs: 3}]
     methods: [datainf, hessian_free, exact, lissa, loss, random]
 """
 

@@ -53,6 +53,12 @@ def _dattri_datainf(inputs: PeerInputs, **kw: Any) -> tuple[np.ndarray, dict[str
     return dattri_datainf_scores(inputs, **kw)
 
 
+def _dattri_trak(inputs: PeerInputs, **kw: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    from infscope.peers.dattri_peer import dattri_trak_scores
+
+    return dattri_trak_scores(inputs, **kw)
+
+
 def _cleanlab(inputs: PeerInputs, **kw: Any) -> tuple[np.ndarray, dict[str, Any]]:
     from infscope.peers.cleanlab_peer import cleanlab_scores
 
@@ -73,6 +79,13 @@ PEERS: dict[str, Peer] = {
         ),
         Peer("dattri_tracin", "dattri", ("hessian_free",), _dattri_tracin, "dattri TracIn (projected)"),
         Peer("dattri_datainf", "dattri", ("datainf",), _dattri_datainf, "dattri DataInf attributor"),
+        Peer(
+            "dattri_trak",
+            "dattri",
+            ("hessian_free",),
+            _dattri_trak,
+            "dattri TRAK (projected, one checkpoint)",
+        ),
         Peer("cleanlab", "cleanlab", ("loss",), _cleanlab, "cleanlab label quality (classification only)"),
     )
 }
