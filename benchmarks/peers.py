@@ -17,7 +17,6 @@ Our rows (``ours:<method>``) time scoring only; gradients were collected once by
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -30,17 +29,7 @@ from rich.console import Console  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 
 from infscope.errors import InfscopeError  # noqa: E402
-from infscope.peers import PEERS, PeerInputs, compare_peers, run_peer  # noqa: E402
-from infscope.runs import atomic_write_json, atomic_write_text  # noqa: E402
-
-
-def _gradient_seconds(run_dir: Path) -> float | None:
-    """Seconds the pipeline spent collecting train/val gradients (run.json), if recorded."""
-    try:
-        stages = json.loads((run_dir / "run.json").read_text()).get("stages", {})
-        return float(stages["gradients"]["seconds"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+from infscope.peers.suite import PEERS_DIR, peer_names, run_peer_suite  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,40 +42,21 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     torch.set_num_threads(args.threads)
     try:
-        names = (
-            list(PEERS) if args.peers == "all" else [p.strip() for p in args.peers.split(",") if p.strip()]
-        )
-        unknown = [n for n in names if n not in PEERS]
-        if unknown:
-            raise InfscopeError(f"unknown peer {unknown[0]!r}; choose from {', '.join(PEERS)}")
-        inputs = PeerInputs.from_run(args.run_dir)
-        results = []
+        names = peer_names(args.peers)
         with Progress(console=console, transient=True) as progress:
-            task = progress.add_task("peers", total=len(names))
-            for name in names:
-                progress.update(task, description=f"peer {name}")
-                results.append(run_peer(name, inputs))
-                progress.advance(task)
-        table = compare_peers(results, inputs)
+            task = progress.add_task("peers", total=None)
+            table = run_peer_suite(
+                args.run_dir,
+                names,
+                out_dir=args.out or args.run_dir / PEERS_DIR,
+                log=lambda message: progress.update(task, description=message),
+            )
     except InfscopeError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
-    out = args.out or args.run_dir / "peers"
-    grad_seconds = _gradient_seconds(args.run_dir)
-    if grad_seconds is not None:  # our one-off cost that peers pay inside their own seconds
-        table = pd.concat([pd.DataFrame([{"method": "ours:gradients", "seconds": grad_seconds}]), table])
     with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 48):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    atomic_write_text(out / "peers.csv", table.to_csv(index=False))
-    atomic_write_json(
-        out / "peers.json",
-        {
-            "run_dir": str(args.run_dir),
-            "table": json.loads(table.to_json(orient="records")),
-            "meta": {r.method: r.meta for r in results},
-        },
-    )
-    console.print(f"wrote {out / 'peers.csv'}")
+    console.print(f"wrote {(args.out or args.run_dir / PEERS_DIR) / 'peers.csv'}")
     return 0
 
 

@@ -90,6 +90,7 @@ def _with_axes(**changes) -> dict:
         ),
         (_with_axes(methods=["datainf", "magic"]), "axes.methods: unknown method 'magic'"),
         (_with_axes(seeds=[0, 0]), "axes.seeds: repeats a seed"),
+        (_with_axes(peers=["kronfluence_magic"]), "axes.peers: unknown peer 'kronfluence_magic'"),
         (_with_axes(attribution="yes"), "axes.attribution: must be true or false"),
         (
             _with_axes(models=[{"name": "tiny-llama", "rank": 4}, {"name": "tiny-llama", "rank": 8}]),
@@ -408,3 +409,27 @@ def test_show_reprints_the_summary(bench_dir, capsys):
         assert f"{mean:.3f} ± {ci:.3f}" in text
     assert main(["bench", "show", str(bench_dir / "nowhere")]) == 2
     assert "no results.parquet" in capsys.readouterr().err
+
+
+def test_peers_run_on_finished_runs_and_are_reused(bench_dir, capsys, monkeypatch):
+    """A spec's peers run after each (here already finished) run; the plain-loop reference equals our DataInf."""
+    spec = _write_spec(bench_dir.parent / "peers.yaml", _with_axes(peers=["reference_datainf"]))
+    assert main(["bench", "run", str(spec), "--out", str(bench_dir)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "peers on sentence_transform / balanced-0.2" in out and "reference_datainf" in out
+    peers = pd.read_parquet(bench_dir / "peers.parquet")
+    assert sorted(peers["run"].unique()) == RUNS
+    reference = peers[peers["method"] == "reference_datainf"]
+    assert len(reference) == 2 and (reference["vs"] == "datainf").all()
+    assert (reference["rel_diff"] < 1e-5).all() and (reference["spearman"] > 0.999).all()
+    for run in RUNS:  # its AUROC is that of our DataInf on the same run (same scores, same manifest)
+        ours = json.loads((bench_dir / run / "evaluation.json").read_text())["detection"]["datainf"]["auroc"]
+        assert reference.set_index("run").loc[run, "auroc"] == pytest.approx(ours, abs=1e-9)
+    assert {"ours:gradients", "ours:datainf"} <= set(peers["method"])
+    import infscope.peers.registry as registry
+
+    monkeypatch.setattr(registry, "run_peer", lambda *a, **k: pytest.fail("saved peer tables are reused"))
+    assert main(["bench", "run", str(spec), "--out", str(bench_dir)]) == 0
+    capsys.readouterr()
+    assert main(["bench", "show", str(bench_dir)]) == 0
+    assert "reference_datainf" in capsys.readouterr().out

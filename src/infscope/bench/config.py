@@ -32,7 +32,7 @@ from typing import Any
 from infscope.errors import InfscopeError
 
 SPEC_KEYS = ("name", "description", "axes", "grids", "device")
-AXES_KEYS = ("datasets", "noise", "models", "methods", "seeds", "attribution")
+AXES_KEYS = ("datasets", "noise", "models", "methods", "seeds", "attribution", "peers")
 DATASET_KEYS = ("name", "label", "classes", "train_per_class", "val_per_class", "paraphrase")
 NOISE_KEYS = ("strategy", "weights", "ratio", "label")
 MODEL_KEYS = (
@@ -90,6 +90,7 @@ class Grid:
     methods: tuple[str, ...]
     seeds: tuple[int, ...]
     attribution: bool
+    peers: tuple[str, ...] = ()
 
     @property
     def size(self) -> int:
@@ -119,6 +120,7 @@ class Combination:
     seed: int
     config: Any  # infscope.pipeline.PipelineConfig (imported lazily: it pulls in torch)
     grid: int = 0
+    peers: tuple[str, ...] = ()  # peers run on the finished run (infscope.peers), compared with ours
 
     @property
     def relpath(self) -> Path:
@@ -347,6 +349,18 @@ def _parse_methods(value: Any, where: str) -> tuple[str, ...]:
         raise _fail(where, str(exc)) from None
 
 
+def _parse_peers(value: Any, where: str) -> tuple[str, ...]:
+    from infscope.peers.suite import peer_names
+
+    if value is None or value == []:
+        return ()
+    items = value if isinstance(value, str) else [_str(p, where) for p in _list(value, where)]
+    try:
+        return tuple(peer_names(items))
+    except InfscopeError as exc:
+        raise _fail(where, str(exc)) from None
+
+
 def _parse_seeds(value: Any, where: str) -> tuple[int, ...]:
     seeds = [_int(s, where, minimum=0) for s in _list(value, where)]
     if len(set(seeds)) != len(seeds):
@@ -418,6 +432,7 @@ def _parse_grid(axes: Mapping[str, Any], where: str) -> Grid:
         methods=_parse_methods(axes.get("methods", ["all"]), f"{where}.methods"),
         seeds=_parse_seeds(axes.get("seeds", [0]), f"{where}.seeds"),
         attribution=_bool(axes.get("attribution", False), f"{where}.attribution"),
+        peers=_parse_peers(axes.get("peers", []), f"{where}.peers"),
     )
 
 
@@ -501,7 +516,7 @@ def expand_spec(spec: BenchSpec, *, seeds: Sequence[int] | None = None) -> list[
                 seed=seed,
                 device=spec.device,
             )
-            combo = Combination(dataset.label, noise.label, model.label, seed, config, index)
+            combo = Combination(dataset.label, noise.label, model.label, seed, config, index, grid.peers)
             previous = combos.get(combo.relpath)
             if previous is not None and previous.config != config:
                 raise InfscopeError(

@@ -54,7 +54,7 @@ AGGREGATE_COLUMNS = (
     "ci_high",
     "n_seeds",
 )
-RESULTS_NAME, AGGREGATE_NAME = "results", "aggregate"
+RESULTS_NAME, AGGREGATE_NAME, PEERS_NAME = "results", "aggregate", "peers"
 
 
 def _stage_costs(stages: Mapping[str, Any]) -> dict[str, float | None]:
@@ -110,6 +110,16 @@ def run_rows(
             }
         )
     return rows
+
+
+def peer_rows(key: Mapping[str, Any], table: pd.DataFrame) -> list[dict[str, Any]]:
+    """Rows of one run's peer table (:func:`infscope.peers.suite.run_peer_suite`) with the run's key.
+
+    The peer table's ``ratio`` (peer seconds / our seconds) becomes ``time_ratio``: ``ratio`` is the noise ratio here.
+    """
+    return [
+        {**key, **table_row} for table_row in table.rename(columns={"ratio": "time_ratio"}).to_dict("records")
+    ]
 
 
 def results_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:

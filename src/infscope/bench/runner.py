@@ -24,8 +24,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from infscope.bench.config import BenchSpec, Combination, expand_spec
 from infscope.bench.results import (
     AGGREGATE_NAME,
+    PEERS_NAME,
     RESULTS_NAME,
     aggregate_results,
+    peer_rows,
     results_frame,
     run_rows,
     write_table,
@@ -46,6 +48,7 @@ class BenchResult:
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    peers: pd.DataFrame | None = None
 
 
 def _normalised(args: dict[str, Any]) -> dict[str, Any]:
@@ -119,6 +122,7 @@ def run_bench(
         runner = pipeline.run_pipeline
     result = BenchResult(root, results_frame([]), aggregate_results(results_frame([])))
     rows: list[dict] = []
+    peers: list[dict] = []
     start = time.perf_counter()
     columns = (
         TextColumn("[bold]{task.fields[run]}"),
@@ -147,6 +151,15 @@ def run_bench(
                 evaluation, stages = done
                 result.skipped.append(name)
             rows.extend(run_rows(combo.key(), evaluation, stages))
+            if combo.peers:
+                from infscope.peers.suite import run_peer_suite
+
+                table = run_peer_suite(
+                    run_dir, combo.peers, log=lambda message: progress.update(task, description=message)
+                )
+                peers.extend(peer_rows(combo.key(), table))
+                result.peers = pd.DataFrame(peers)
+                write_table(result.peers, root, PEERS_NAME)
             result.results, result.aggregate = _write_tables(rows, root)
             progress.advance(task)
         progress.update(task, run="done", description="")

@@ -27,7 +27,8 @@ name: demo
 description: >-
   The `infscope demo` setting (PipelineConfig defaults: sentence_transform with 10 classes x 12
   training rows, 20% noise mixing grammar, semantic, quality and response swaps, SmolLM2-135M with LoRA r=8, 2 epochs) over three seeds,
-  so every number gets a mean and a 95% interval.
+  so every number gets a mean and a 95% interval; every installed peer runs on each run (pip install
+  infscope[peers]; kronfluence apart, see pyproject.toml) and is compared with ours.
 axes:
   datasets: [sentence_transform]
   noise:
@@ -35,6 +36,7 @@ axes:
   models: [smollm2-135m]
   methods: [all]
   seeds: [0, 1, 2]
+  peers: [all]
 """
 
 DATAINF_PAPER = """
@@ -58,6 +60,7 @@ grids:
       - {weights: {label: 1}, ratio: 0.2}
     models: [{name: minilm, epochs: 3}]
     methods: [datainf, hessian_free, exact, lissa, loss, random]
+    peers: [all]
 """
 
 BUILTIN_SPECS: dict[str, str] = {"quick": QUICK, "demo": DEMO, "datainf-paper": DATAINF_PAPER}

@@ -111,3 +111,60 @@ def render_summary(
         console.print(table)
         tables.append(table)
     return tables
+
+
+#: (column, header, digits) of the peers table, averaged over seeds
+PEER_COLUMNS = (
+    ("auroc", "AUROC", 3),
+    ("spearman", "Spearman vs ours", 3),
+    ("rel_diff", "Max rel. diff", 2),
+    ("seconds", "Seconds", 1),
+    ("time_ratio", "Time ratio", 1),
+    ("peak_mb", "Peak MB", 0),
+)
+
+
+def peer_summary(peers: pd.DataFrame) -> pd.DataFrame:
+    """Per setting and method (peers and ``ours:*``): seed means, compared method, runs and first error."""
+    keys = [*SETTING_COLUMNS, "method"]
+    if peers is None or peers.empty:
+        return pd.DataFrame(columns=[*keys, "vs", *(c for c, *_ in PEER_COLUMNS), "runs", "error"])
+    frame = peers.copy()
+    for column, *_ in PEER_COLUMNS:
+        frame[column] = pd.to_numeric(frame.get(column), errors="coerce")
+    for column in ("vs", "error"):
+        frame[column] = frame[column].where(frame[column].notna(), "") if column in frame else ""
+    grouped = frame.groupby(keys, sort=False)
+    out = grouped[[c for c, *_ in PEER_COLUMNS]].mean()
+    out["vs"] = grouped["vs"].first()
+    out["runs"] = grouped.size()
+    out["error"] = grouped["error"].agg(lambda s: next((str(e) for e in s if str(e)), ""))
+    return out.reset_index()
+
+
+def render_peers(peers: pd.DataFrame | None, console: Console | None = None) -> list[Table]:
+    """Print the peers side by side per setting (means over seeds); ``Time ratio`` = peer s / our s."""
+    console = console or Console()
+    wide = peer_summary(peers)
+    tables = []
+    for setting, part in wide.groupby(list(SETTING_COLUMNS), sort=False):
+        dataset, noise, ratio, model = setting
+        table = Table(
+            title=f"peers on {dataset} / {noise} (ratio {ratio:g}) / {model}",
+            caption="means over seeds; time ratio = peer seconds / our seconds for the compared method "
+            "(peers compute their own gradients; ours:gradients is our one-off pass)",
+        )
+        table.add_column("Method", no_wrap=True)
+        table.add_column("vs")
+        for _, header, _ in PEER_COLUMNS:
+            table.add_column(header, justify="right")
+        table.add_column("Runs", justify="right")
+        table.add_column("Error", overflow="fold")
+        for record in part.to_dict("records"):
+            cells = [f"{record[c]:.{d}f}" if np.isfinite(record[c]) else "-" for c, _, d in PEER_COLUMNS]
+            table.add_row(
+                str(record["method"]), str(record["vs"] or ""), *cells, str(record["runs"]), record["error"]
+            )
+        console.print(table)
+        tables.append(table)
+    return tables

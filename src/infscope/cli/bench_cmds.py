@@ -76,10 +76,11 @@ def run_command(
         )
         return
     from infscope.bench.runner import run_bench
-    from infscope.bench.summary import render_summary
+    from infscope.bench.summary import render_peers, render_summary
 
     result = run_bench(bench_spec, out, seeds=seed_list, overwrite=overwrite, console=console)
     render_summary(result.aggregate, console, title=f"{bench_spec.name}: mean ± 95% CI over seeds")
+    render_peers(result.peers, console)
     console.print(
         f"{len(result.ran)} runs done, {len(result.skipped)} skipped (already finished) in "
         f"{result.seconds:.0f} s; tables: {out / 'results.parquet'}, {out / 'aggregate.parquet'} (+ .csv)",
@@ -95,10 +96,15 @@ def show_command(
     """Re-print the summary of a benchmark directory from its results table."""
     from infscope.bench.results import aggregate_results, read_results
     from infscope.bench.runner import BENCH_FILE
-    from infscope.bench.summary import render_summary
+    from infscope.bench.summary import render_peers, render_summary
 
     results = read_results(out)
     name = out.name
     with contextlib.suppress(OSError, ValueError):
         name = json.loads((out / BENCH_FILE).read_text(encoding="utf-8")).get("spec", name)
     render_summary(aggregate_results(results), console, title=f"{name}: mean ± 95% CI over seeds")
+    peers_file = out / "peers.parquet"
+    if peers_file.is_file():
+        import pandas as pd
+
+        render_peers(pd.read_parquet(peers_file), console)

@@ -26,7 +26,7 @@ from infscope.peers.inputs import PeerInputs
 
 
 def _prepare(inputs: PeerInputs):
-    """Model with only the tracked LoRA parameters trainable, its dattri task, and both loaders."""
+    """Model with only the tracked LoRA parameters trainable, its dattri task, both loaders, its device."""
     from dattri.task import AttributionTask
     from torch.func import functional_call
 
@@ -55,7 +55,7 @@ def _prepare(inputs: PeerInputs):
     bs = 1 if inputs.task == "classification" else inputs.batch_size
     train_loader = row_loader(inputs.encode(inputs.ordered_train_rows()), bs)
     val_loader = row_loader(inputs.encode(inputs.val_rows), bs)
-    return task, train_loader, val_loader
+    return task, train_loader, val_loader, str(next(model.parameters()).device)
 
 
 def _to_ours(matrix: torch.Tensor) -> np.ndarray:
@@ -78,7 +78,7 @@ def dattri_datainf_scores(
     from dattri.algorithm.influence_function import IFAttributorDataInf
 
     lam = single_damping(inputs) if damping is None else float(damping)
-    task, train_loader, val_loader = _prepare(inputs)
+    task, train_loader, val_loader, device = _prepare(inputs)
     attributor = IFAttributorDataInf(task=task, regularization=lam)
     attributor.cache(train_loader)
     matrix = attributor.attribute(train_loader, val_loader)
@@ -96,12 +96,12 @@ def dattri_tracin_scores(
     from dattri.algorithm.tracin import TracInAttributor
 
     seed = inputs.seed if seed is None else seed
-    task, train_loader, val_loader = _prepare(inputs)
+    task, train_loader, val_loader, device = _prepare(inputs)
     attributor = TracInAttributor(
         task=task,
         weight_list=torch.ones(1),
         normalized_grad=False,
-        projector_kwargs={"proj_dim": proj_dim, "proj_seed": seed, "device": "cpu"},
+        projector_kwargs={"proj_dim": proj_dim, "proj_seed": seed, "device": device},
     )
     matrix = attributor.attribute(train_loader, val_loader)
     return _to_ours(matrix), {"proj_dim": proj_dim, "proj_seed": seed, "checkpoints": 1}
@@ -147,8 +147,8 @@ def dattri_trak_scores(
     For training row ``i`` and query ``q`` dattri returns
     ``(1 - p_i) * phi_q^T (X^T X + lambda I)^{-1} phi_i``: ``phi`` are loss gradients (dattri does not
     use the margin gradients of the TRAK paper) divided by ``sqrt(P)`` and projected to ``proj_dim``
-    by a seeded Gaussian matrix on the CPU (dattri's basic projector; the CUDA ``fast_jl`` kernel is
-    never needed), and ``X`` stacks the training rows' ``phi``. TRAK needs a "correct probability"
+    by a seeded Gaussian matrix on the model's device (dattri's basic projector; its CUDA ``fast_jl``
+    kernel is not used), and ``X`` stacks the training rows' ``phi``. TRAK needs a "correct probability"
     ``p`` per training row; we use ``exp(-loss)`` of the row under our loss: for the causal LM loss
     (mean token cross-entropy over the response) that is the geometric mean of the response
     tokens' probabilities, for classification exactly the probability of the true label.
@@ -160,7 +160,7 @@ def dattri_trak_scores(
     from dattri.algorithm.trak import TRAKAttributor
 
     lam = trak_regularization(inputs, proj_dim) if regularization is None else float(regularization)
-    task, train_loader, val_loader = _prepare(inputs)
+    task, train_loader, val_loader, device = _prepare(inputs)
     probability = _correct_probability(task.get_loss_func(flatten=False))
     # every key given: dattri updates its module-level default projector kwargs in place
     projector = {
@@ -168,13 +168,13 @@ def dattri_trak_scores(
         "proj_max_batch_size": 32,
         "proj_seed": seed,
         "proj_type": "normal",
-        "device": "cpu",
+        "device": device,
     }
     attributor = TRAKAttributor(
         task=task,
         correct_probability_func=probability,
         projector_kwargs=projector,
-        device="cpu",
+        device=device,
         regularization=lam,
     )
     attributor.cache(train_loader)
@@ -182,7 +182,7 @@ def dattri_trak_scores(
     meta = {
         "proj_dim": proj_dim,
         "proj_seed": seed,
-        "projector": "normal (CPU)",
+        "projector": f"normal ({device})",
         "regularization": lam,
         "regularization_rule": "0.1 * trace(X^T X) / proj_dim" if regularization is None else "given",
         "checkpoints": 1,

@@ -1,0 +1,107 @@
+"""Several peers on one finished run, compared with ours, saved in ``RUN/peers/`` and resumed from there.
+
+Shared by ``infscope bench`` (a spec's ``peers:`` key) and ``benchmarks/peers.py``. The table has
+one row per peer and per our compared method (see :func:`infscope.peers.agreement.compare_peers`),
+plus ``ours:gradients``: the one-off gradient pass our estimators share, which each peer pays
+inside its own seconds. A saved table is reused when it was made for the same peers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from infscope.errors import InfscopeError
+from infscope.runs import atomic_write_json, atomic_write_text
+
+PEERS_DIR = "peers"
+
+
+def peer_names(value: str | Sequence[str]) -> list[str]:
+    """``"all"``, a comma-separated string or a list, checked against the known peers."""
+    from infscope.peers.registry import PEERS
+
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names = [str(n).strip() for n in items if str(n).strip()]
+    if names == ["all"]:
+        return list(PEERS)
+    unknown = [n for n in names if n not in PEERS]
+    if unknown:
+        raise InfscopeError(f"unknown peer {unknown[0]!r}; choose from {', '.join(PEERS)} or all")
+    if not names:
+        raise InfscopeError("no peers named; pass peer names or all")
+    return list(dict.fromkeys(names))
+
+
+def gradient_seconds(run_dir: str | Path) -> float | None:
+    """Seconds the pipeline spent on the train/validation gradient pass (``run.json``), if recorded."""
+    try:
+        stages = json.loads((Path(run_dir) / "run.json").read_text()).get("stages", {})
+        return float(stages["gradients"]["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def load_peer_table(run_dir: str | Path, names: Sequence[str]) -> pd.DataFrame | None:
+    """The saved table of ``run_dir`` if it was made for exactly ``names``, else ``None``."""
+    path = Path(run_dir) / PEERS_DIR / "peers.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if saved.get("peers") != list(names):
+        return None
+    return pd.DataFrame(saved.get("table", []))
+
+
+def run_peer_suite(
+    run_dir: str | Path,
+    names: Sequence[str],
+    *,
+    out_dir: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
+    resume: bool = True,
+) -> pd.DataFrame:
+    """Run ``names`` on the finished run ``run_dir``, compare with ours, save and return the table.
+
+    Peers that fail (missing package, out of memory, an error inside) get a row with the error
+    instead of raising. Written atomically to ``out_dir`` (default ``RUN/peers``) as
+    ``peers.csv`` and ``peers.json`` (table, peer names and each peer's meta).
+    """
+    from infscope.peers.agreement import compare_peers
+    from infscope.peers.inputs import PeerInputs
+    from infscope.peers.registry import run_peer
+
+    names = list(names)
+    out = Path(out_dir) if out_dir is not None else Path(run_dir) / PEERS_DIR
+    if resume and out_dir is None:
+        saved = load_peer_table(run_dir, names)
+        if saved is not None:
+            return saved
+    inputs = PeerInputs.from_run(run_dir)
+    results = []
+    for name in names:
+        if log is not None:
+            log(f"peer {name}")
+        results.append(run_peer(name, inputs))
+    table = compare_peers(results, inputs)
+    seconds = gradient_seconds(run_dir)
+    if seconds is not None:
+        table = pd.concat([pd.DataFrame([{"method": "ours:gradients", "seconds": seconds}]), table])
+    table = table.reset_index(drop=True)
+    atomic_write_text(out / "peers.csv", table.to_csv(index=False))
+    meta: dict[str, Any] = {r.method: r.meta for r in results}
+    atomic_write_json(
+        out / "peers.json",
+        {
+            "run_dir": str(run_dir),
+            "peers": names,
+            "table": json.loads(table.to_json(orient="records")),
+            "meta": meta,
+        },
+    )
+    return table
