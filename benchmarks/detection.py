@@ -21,10 +21,10 @@ from __future__ import annotations
 import argparse
 import time
 
-import pandas as pd
 import torch
 
 from infscope.bench.config import parse_spec
+from infscope.bench.markdown import bench_markdown
 from infscope.bench.runner import run_bench
 
 SPEC = """
@@ -43,49 +43,6 @@ grids:
       - {weights: {label: 1}, ratio: 0.2, label: label_flip}
     models: [{name: CLS_MODEL, max_length: 64, epochs: 3}]
 """
-
-
-def _cell(row: pd.Series) -> str:
-    if pd.isna(row["mean"]):
-        return "-"
-    ci = "" if pd.isna(row["ci_half"]) else f" ± {row['ci_half']:.2f}"
-    return f"{row['mean']:.3f}{ci}"
-
-
-def markdown(aggregate: pd.DataFrame, group: str = "all", metrics=("auroc", "ap")) -> str:
-    """One Markdown table per setting: methods as rows, metrics as columns, best AUROC first."""
-    lines = []
-    part = aggregate[(aggregate["group"] == group) & aggregate["metric"].isin(metrics)]
-    for noise, block in part.groupby("noise", sort=False):
-        wide = block.pivot_table(index="method", columns="metric", values="mean")
-        order = wide.sort_values(metrics[0], ascending=False).index
-        seeds = int(block["n_seeds"].max())
-        lines.append(f"\n**{noise}** ({block['model'].iloc[0]}, {seeds} seeds, group {group})\n")
-        lines.append("| method | " + " | ".join(m.upper() for m in metrics) + " |")
-        lines.append("|---|" + "---|" * len(metrics))
-        for method in order:
-            cells = [
-                _cell(block[(block["method"] == method) & (block["metric"] == m)].iloc[0]) for m in metrics
-            ]
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def family_markdown(aggregate: pd.DataFrame, noise: str = "demo", level: str = "family") -> str:
-    """AUROC per noise family (noisy rows of the family vs all clean rows) for one setting."""
-    part = aggregate[
-        (aggregate["noise"] == noise) & (aggregate["level"] == level) & (aggregate["metric"] == "auroc")
-    ]
-    if part.empty:
-        return ""
-    wide = part.assign(cell=part.apply(_cell, axis=1)).pivot_table(
-        index="method", columns="group", values="cell", aggfunc="first"
-    )
-    lines = [f"\n**{noise}: AUROC per noise {level}**\n", "| method | " + " | ".join(wide.columns) + " |"]
-    lines.append("|---|" + "---|" * len(wide.columns))
-    for method, row in wide.iterrows():
-        lines.append(f"| {method} | " + " | ".join(str(v) for v in row) + " |")
-    return "\n".join(lines)
 
 
 def main() -> None:
@@ -128,9 +85,7 @@ def main() -> None:
         f"\n{len(result.results)} result rows from {len(result.ran)} new and {len(result.skipped)} resumed runs "
         f"in {time.perf_counter() - start:.0f} s; tables in {args.out}/"
     )
-    print(markdown(result.aggregate))
-    print(family_markdown(result.aggregate))
-    print(family_markdown(result.aggregate, level="operator"))
+    print(bench_markdown(result.aggregate))
 
 
 if __name__ == "__main__":

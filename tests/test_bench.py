@@ -433,3 +433,11 @@ def test_peers_run_on_finished_runs_and_are_reused(bench_dir, capsys, monkeypatc
     capsys.readouterr()
     assert main(["bench", "show", str(bench_dir)]) == 0
     assert "reference_datainf" in capsys.readouterr().out
+    assert main(["bench", "show", str(bench_dir), "--markdown"]) == 0
+    text = capsys.readouterr().out
+    aggregate = pd.read_parquet(bench_dir / "aggregate.parquet").set_index(["method", "group", "metric"])
+    datainf = aggregate.loc[("datainf", "all", "auroc")]
+    assert f"| datainf | {datainf['mean']:.3f} ± {datainf['ci_half']:.2f} |" in text
+    assert "AUROC per noise family" in text and "Peers on **sentence_transform / balanced-0.2" in text
+    reference = peers[peers["method"] == "reference_datainf"]
+    assert f"| reference_datainf | datainf | {reference['auroc'].mean():.3f} |" in text

@@ -92,6 +92,9 @@ def run_command(
 @bench_app.command("show")
 def show_command(
     out: Path = typer.Argument(..., help="Benchmark directory made by `infscope bench run`."),
+    markdown: bool = typer.Option(
+        False, "--markdown", help="Print every table as Markdown (methods, per family and operator, peers)."
+    ),
 ) -> None:
     """Re-print the summary of a benchmark directory from its results table."""
     from infscope.bench.results import aggregate_results, read_results
@@ -102,9 +105,15 @@ def show_command(
     name = out.name
     with contextlib.suppress(OSError, ValueError):
         name = json.loads((out / BENCH_FILE).read_text(encoding="utf-8")).get("spec", name)
-    render_summary(aggregate_results(results), console, title=f"{name}: mean ± 95% CI over seeds")
-    peers_file = out / "peers.parquet"
-    if peers_file.is_file():
-        import pandas as pd
+    import pandas as pd
 
-        render_peers(pd.read_parquet(peers_file), console)
+    peers_file = out / "peers.parquet"
+    peers = pd.read_parquet(peers_file) if peers_file.is_file() else None
+    if markdown:
+        from infscope.bench.markdown import bench_markdown
+
+        print(bench_markdown(aggregate_results(results), peers))
+        return
+    render_summary(aggregate_results(results), console, title=f"{name}: mean ± 95% CI over seeds")
+    if peers is not None:
+        render_peers(peers, console)
