@@ -27,8 +27,9 @@ name: demo
 description: >-
   The `infscope demo` setting (PipelineConfig defaults: sentence_transform with 10 classes x 12
   training rows, 20% noise mixing grammar, semantic, quality and response swaps, SmolLM2-135M with LoRA r=8, 2 epochs) over three seeds,
-  so every number gets a mean and a 95% interval; every installed peer runs on each run (pip install
-  infscope[peers]; kronfluence apart, see pyproject.toml) and is compared with ours.
+  so every number gets a mean and a 95% interval; the DataInf reference loop and kronfluence (EK-FAC and
+  identity) run on each run and are compared with ours (dattri's per-example vmap takes about 30 s per
+  8 SmolLM2 rows here: run it on one run with benchmarks/peers.py).
 axes:
   datasets: [sentence_transform]
   noise:
@@ -36,7 +37,7 @@ axes:
   models: [smollm2-135m]
   methods: [all]
   seeds: [0, 1, 2]
-  peers: [all]
+  peers: [reference_datainf, kronfluence_ekfac, kronfluence_identity]
 """
 
 DATAINF_PAPER = """

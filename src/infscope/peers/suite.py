@@ -3,7 +3,7 @@
 Shared by ``infscope bench`` (a spec's ``peers:`` key) and ``benchmarks/peers.py``. The table has
 one row per peer and per our compared method (see :func:`infscope.peers.agreement.compare_peers`),
 plus ``ours:gradients``: the one-off gradient pass our estimators share, which each peer pays
-inside its own seconds. A saved table is reused when it was made for the same peers.
+inside its own seconds. A saved table is reused when it was made for (at least) the same peers.
 """
 
 from __future__ import annotations
@@ -47,13 +47,16 @@ def gradient_seconds(run_dir: str | Path) -> float | None:
 
 
 def load_peer_table(run_dir: str | Path, names: Sequence[str]) -> pd.DataFrame | None:
-    """The saved table of ``run_dir`` if it was made for exactly ``names``, else ``None``."""
+    """The saved table of ``run_dir`` if it covers every peer in ``names``, else ``None``.
+
+    A table made for more peers is returned whole: its extra rows were paid for already.
+    """
     path = Path(run_dir) / PEERS_DIR / "peers.json"
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if saved.get("peers") != list(names):
+    if not set(names) <= set(saved.get("peers") or []):
         return None
     return pd.DataFrame(saved.get("table", []))
 
