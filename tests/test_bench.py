@@ -441,3 +441,11 @@ def test_peers_run_on_finished_runs_and_are_reused(bench_dir, capsys, monkeypatc
     assert "AUROC per noise family" in text and "Peers on **sentence_transform / balanced-0.2" in text
     reference = peers[peers["method"] == "reference_datainf"]
     assert f"| reference_datainf | datainf | {reference['auroc'].mean():.3f} |" in text
+
+
+def test_a_peer_process_that_dies_becomes_an_error_row(bench_dir):
+    from infscope.peers.suite import run_isolated
+
+    result = run_isolated(bench_dir / RUNS[0], "no_such_peer")
+    assert result.scores is None and not result.ok
+    assert "peer process exited with code 1" in result.error and "unknown peer 'no_such_peer'" in result.error

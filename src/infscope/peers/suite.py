@@ -61,6 +61,39 @@ def load_peer_table(run_dir: str | Path, names: Sequence[str]) -> pd.DataFrame |
     return pd.DataFrame(saved.get("table", []))
 
 
+def run_isolated(run_dir: str | Path, name: str):
+    """Run peer ``name`` on ``run_dir`` in a child process; a child that dies becomes an error row.
+
+    The operating system kills a process that exhausts memory; in a child, that takes the peer
+    down and not the benchmark. Torch threads follow this process's setting.
+    """
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    import torch
+
+    from infscope.peers.result import PeerResult
+    from infscope.peers.worker import read_result
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "TQDM_DISABLE": "1"}
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"infscope-peer-{name}-") as tmp:
+        command = [sys.executable, "-m", "infscope.peers.worker", str(run_dir), name, tmp]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        result = read_result(Path(tmp))
+    if result is not None:
+        return result
+    killed = " (killed: most likely out of memory)" if done.returncode in (-9, 137) else ""
+    last = (done.stderr or "").strip().splitlines()[-1:] or [""]
+    error = f"peer process exited with code {done.returncode}{killed}" + (
+        f": {last[0][:200]}" if last[0] else ""
+    )
+    return PeerResult(name, None, time.perf_counter() - start, 0.0, error)
+
+
 def run_peer_suite(
     run_dir: str | Path,
     names: Sequence[str],
@@ -68,12 +101,15 @@ def run_peer_suite(
     out_dir: str | Path | None = None,
     log: Callable[[str], None] | None = None,
     resume: bool = True,
+    isolate: bool = True,
 ) -> pd.DataFrame:
     """Run ``names`` on the finished run ``run_dir``, compare with ours, save and return the table.
 
     Peers that fail (missing package, out of memory, an error inside) get a row with the error
-    instead of raising. Written atomically to ``out_dir`` (default ``RUN/peers``) as
-    ``peers.csv`` and ``peers.json`` (table, peer names and each peer's meta).
+    instead of raising; with ``isolate`` (default) each peer runs in its own process
+    (:func:`run_isolated`), so even one the system kills for memory leaves a row. Written
+    atomically to ``out_dir`` (default ``RUN/peers``) as ``peers.csv`` and ``peers.json``
+    (table, peer names and each peer's meta).
     """
     from infscope.peers.agreement import compare_peers
     from infscope.peers.inputs import PeerInputs
@@ -90,7 +126,7 @@ def run_peer_suite(
     for name in names:
         if log is not None:
             log(f"peer {name}")
-        results.append(run_peer(name, inputs))
+        results.append(run_isolated(run_dir, name) if isolate else run_peer(name, inputs))
     table = compare_peers(results, inputs)
     seconds = gradient_seconds(run_dir)
     if seconds is not None:
