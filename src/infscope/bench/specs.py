@@ -46,7 +46,8 @@ description: >-
   The DataInf paper's experiments on our generators: class attribution (AUC and recall of each
   query's top-scored training rows sharing its class) on the three synthetic tasks without noise,
   with SmolLM2-135M; and label-flip detection (uniform flips of 20% of labels) on the
-  classification version of sentence transformation with MiniLM (3 epochs), by AUROC and detection curve.
+  classification version of sentence transformation with MiniLM (3 epochs), by AUROC and detection curve,
+  with the DataInf reference loop, kronfluence and cleanlab side by side (dattri: benchmarks/peers.py).
 axes:
   methods: [datainf, hessian_free, exact, lissa]
   seeds: [0, 1, 2]
@@ -61,7 +62,7 @@ grids:
       - {weights: {label: 1}, ratio: 0.2}
     models: [{name: minilm, epochs: 3}]
     methods: [datainf, hessian_free, exact, lissa, loss, random]
-    peers: [all]
+    peers: [reference_datainf, kronfluence_ekfac, kronfluence_identity, cleanlab]
 """
 
 BUILTIN_SPECS: dict[str, str] = {"quick": QUICK, "demo": DEMO, "datainf-paper": DATAINF_PAPER}
