@@ -161,3 +161,26 @@ def test_demo_command_defaults_match_the_pipeline_defaults():
     params = inspect.signature(demo_command).parameters
     for option, field in names.items():
         assert params[option].default.default == getattr(defaults, field), option
+
+
+def test_busy_cores_sees_a_process_spinning_now():
+    """The thread default counts cores in use at this moment (not the lagging load average)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from infscope.cli.pipeline_cmds import busy_cores
+
+    if not Path("/proc/stat").is_file():
+        pytest.skip("no /proc/stat here")
+    spinner = subprocess.Popen(
+        [sys.executable, "-c", "import time\nend = time.time() + 5\nwhile time.time() < end: pass"]
+    )
+    try:
+        import time
+
+        time.sleep(0.5)  # let it start spinning
+        assert busy_cores(window=1.0) >= 1
+    finally:
+        spinner.kill()
+        spinner.wait()
