@@ -100,7 +100,7 @@ def peers_markdown(peers: pd.DataFrame | None) -> str:
     for setting, block in wide.groupby(list(SETTING_COLUMNS), sort=False):
         rows = []
         for record in block.to_dict("records"):
-            cells = [f"{record[c]:.{d}f}" if np.isfinite(record[c]) else "-" for c, _, d in PEER_COLUMNS]
+            cells = [f"{record[c]:{spec}}" if np.isfinite(record[c]) else "-" for c, _, spec in PEER_COLUMNS]
             error = str(record["error"]).replace("|", "/")
             rows.append([str(record["method"]), str(record["vs"] or ""), *cells, error])
         out += ["", f"Peers on {_setting_title(setting, int(block['runs'].max()))}", ""]

@@ -113,14 +113,14 @@ def render_summary(
     return tables
 
 
-#: (column, header, digits) of the peers table, averaged over seeds
+#: (column, header, format spec) of the peers table, averaged over seeds
 PEER_COLUMNS = (
-    ("auroc", "AUROC", 3),
-    ("spearman", "Spearman vs ours", 3),
-    ("rel_diff", "Max rel. diff", 2),
-    ("seconds", "Seconds", 1),
-    ("time_ratio", "Time ratio", 1),
-    ("peak_mb", "Peak MB", 0),
+    ("auroc", "AUROC", ".3f"),
+    ("spearman", "Spearman vs ours", ".3f"),
+    ("rel_diff", "Max rel. diff", ".1e"),
+    ("seconds", "Seconds", ".1f"),
+    ("time_ratio", "Time ratio", ".1f"),
+    ("peak_mb", "Peak MB", ".0f"),
 )
 
 
@@ -161,7 +161,7 @@ def render_peers(peers: pd.DataFrame | None, console: Console | None = None) -> 
         table.add_column("Runs", justify="right")
         table.add_column("Error", overflow="fold")
         for record in part.to_dict("records"):
-            cells = [f"{record[c]:.{d}f}" if np.isfinite(record[c]) else "-" for c, _, d in PEER_COLUMNS]
+            cells = [f"{record[c]:{spec}}" if np.isfinite(record[c]) else "-" for c, _, spec in PEER_COLUMNS]
             table.add_row(
                 str(record["method"]), str(record["vs"] or ""), *cells, str(record["runs"]), record["error"]
             )
