@@ -151,7 +151,10 @@ def test_architecture_that_rescales_its_inputs_switches_the_cache_off():
         full = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
         with frozen_prefix(model) as cache:
             with pytest.warns(RuntimeWarning, match="frozen-prefix cache disagrees"):
-                model(input_ids=data["input_ids"], attention_mask=data["attention_mask"])
+                first = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
+            assert torch.allclose(
+                first, full, atol=1e-12
+            )  # the checked batch itself comes from the full model
             assert cache.disabled
             after = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
     assert torch.allclose(after, full, atol=1e-12)  # the full model runs from then on
@@ -234,3 +237,26 @@ def test_gradient_stores_with_and_without_the_prefix_cache_agree(tmp_path, monke
     fast_loss, slow_loss = (pd.read_parquet(tmp_path / run / "losses.parquet") for run in ("fast", "slow"))
     for column in ("loss", "base_loss"):
         np.testing.assert_allclose(fast_loss[column], slow_loss[column], rtol=1e-5)
+
+
+def test_nested_blocks_keep_the_outer_cache_and_states_do_not_pin_their_batch():
+    model = top_lora_llama([2, 3]).eval()
+    data = batch([5, 9, 3])
+    stack = model.base_model.model.model
+    inputs = {"input_ids": data["input_ids"], "attention_mask": data["attention_mask"]}
+    real = data["attention_mask"].bool()  # padding positions get zero states; nothing reads them
+    with torch.no_grad():
+        full = model(**inputs).logits
+    with torch.no_grad(), frozen_prefix(model) as outer:
+        outer_forward = stack.forward
+        with frozen_prefix(model, PrefixStates(1)) as inner:
+            assert inner is outer  # nested: the active block keeps serving
+            assert torch.allclose(model(**inputs).logits[real], full[real], atol=1e-12)
+        assert stack.forward == outer_forward  # the inner exit put the outer runner back
+        assert torch.allclose(model(**inputs).logits[real], full[real], atol=1e-12)
+        misses, hits = outer.misses, outer.hits
+        model(**inputs)
+        assert (outer.misses, outer.hits) == (misses, hits + 3)  # the outer cache still serves the rows
+        for state in outer._states.values():  # each row owns exactly its own bytes
+            assert state.untyped_storage().nbytes() == state.numel() * state.element_size()
+    assert "forward" not in stack.__dict__

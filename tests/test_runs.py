@@ -81,3 +81,11 @@ def test_atomic_files_follow_the_umask(tmp_path):
     finally:
         os.umask(previous)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_runs_recorded_before_a_new_option_existed_still_resume(tmp_path):
+    """A new option defaulting to None (e.g. lora_layers) must not make older run directories foreign."""
+    RunDir(tmp_path / "run", {"lr": 0.01})
+    RunDir(tmp_path / "run", {"lr": 0.01, "lora_layers": None})  # same run
+    with pytest.raises(InfscopeError, match=r"\(lora_layers differ\)"):
+        RunDir(tmp_path / "run", {"lr": 0.01, "lora_layers": "top:1"})

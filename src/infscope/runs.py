@@ -171,6 +171,20 @@ class StageRecord:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def changed_args(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Keys whose values differ; a key one side lacks counts as ``None`` there.
+
+    Options added in a later version default to ``None``, so runs recorded before they existed
+    still match the same command.
+    """
+    return sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
+
+
+def same_args(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """True when two recorded argument sets describe the same run (see :func:`changed_args`)."""
+    return not changed_args(old, new)
+
+
 class RunDir:
     """A run directory guarded by the arguments that made it.
 
@@ -186,13 +200,9 @@ class RunDir:
         run_file = self.path / RUN_FILE
         if run_file.exists():
             record = json.loads(run_file.read_text())
-            if record.get("args") != self.args:
+            if not same_args(record.get("args") or {}, self.args):
                 if not overwrite:
-                    changed = sorted(
-                        key
-                        for key in set(record.get("args", {})) | set(self.args)
-                        if record.get("args", {}).get(key) != self.args.get(key)
-                    )
+                    changed = changed_args(record.get("args") or {}, self.args)
                     raise InfscopeError(
                         f"run directory {self.path} was made with other arguments ({', '.join(changed)} differ); "
                         "pass --overwrite to replace it or choose another --out"

@@ -323,7 +323,10 @@ def _parse_model(entry: Any, where: str) -> ModelAxis:
     if "lora_layers" in entry:
         from infscope.models.lora import LoraSpec
 
-        layers = str(entry["lora_layers"])
+        raw_layers = entry["lora_layers"]
+        layers = (
+            ",".join(str(v) for v in raw_layers) if isinstance(raw_layers, (list, tuple)) else str(raw_layers)
+        )
         try:
             LoraSpec(layers=layers)
         except InfscopeError as exc:

@@ -32,7 +32,7 @@ from infscope.bench.results import (
     run_rows,
     write_table,
 )
-from infscope.runs import RUN_FILE, atomic_write_json, ensure_writable_dir
+from infscope.runs import RUN_FILE, atomic_write_json, ensure_writable_dir, same_args
 
 BENCH_FILE = "bench.json"
 EVALUATION_FILE = "evaluation.json"
@@ -65,7 +65,9 @@ def finished_run(run_dir: Path, combo: Combination) -> tuple[dict, dict] | None:
         evaluation = json.loads(evaluation_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if record.get("args") != _normalised(combo.config.as_args()) or "score" not in record.get("stages", {}):
+    if not same_args(
+        record.get("args") or {}, _normalised(combo.config.as_args())
+    ) or "score" not in record.get("stages", {}):
         return None
     return evaluation, record["stages"]
 
@@ -163,5 +165,8 @@ def run_bench(
             result.results, result.aggregate = _write_tables(rows, root)
             progress.advance(task)
         progress.update(task, run="done", description="")
+    if not peers:  # no grid asks for peers: a table left by an earlier spec would be shown as this one's
+        for suffix in (".parquet", ".csv"):
+            (root / f"{PEERS_NAME}{suffix}").unlink(missing_ok=True)
     result.seconds = time.perf_counter() - start
     return result

@@ -134,6 +134,8 @@ def peer_summary(peers: pd.DataFrame) -> pd.DataFrame:
         frame[column] = pd.to_numeric(frame.get(column), errors="coerce")
     for column in ("vs", "error"):
         frame[column] = frame[column].where(frame[column].notna(), "") if column in frame else ""
+    failed = frame["error"].astype(str) != ""
+    frame.loc[failed, ["seconds", "peak_mb", "time_ratio"]] = np.nan  # a killed peer's wall time is no cost
     grouped = frame.groupby(keys, sort=False)
     out = grouped[[c for c, *_ in PEER_COLUMNS]].mean()
     out["vs"] = grouped["vs"].first()

@@ -25,8 +25,9 @@ def _cpu_times() -> tuple[int, int] | None:
             fields = [int(v) for v in handle.readline().split()[1:]]
     except (OSError, ValueError):
         return None
+    total = sum(fields[:8])  # guest time (fields 8-9) is already counted in user time
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return sum(fields) - idle, sum(fields)
+    return total - idle, total
 
 
 def busy_cores(window: float = 0.3) -> int:
@@ -39,7 +40,7 @@ def busy_cores(window: float = 0.3) -> int:
     import os
     import time
 
-    cores = os.cpu_count() or 1
+    cores = os.cpu_count() or 1  # /proc/stat sums every CPU of the machine
     before = _cpu_times()
     if before is not None:
         time.sleep(window)
@@ -64,7 +65,7 @@ def _set_threads(threads: int | None) -> None:
     if threads is not None and threads < 1:
         raise InfscopeError(f"--threads must be at least 1, got {threads}")
     if threads is None:
-        cores = os.cpu_count() or 1
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         threads = max(1, min(torch.get_num_threads(), cores - busy_cores()))
     torch.set_num_threads(threads)
 

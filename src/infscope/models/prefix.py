@@ -89,7 +89,7 @@ class PrefixStates:
     def put(self, key: bytes, states: torch.Tensor) -> None:
         size = states.numel() * states.element_size()
         if self.bytes + size <= self.max_bytes:
-            self._states[key] = states.detach()
+            self._states[key] = states.detach().clone()  # a view would keep its whole padded batch alive
             self.bytes += size
 
 
@@ -155,6 +155,7 @@ class _PrefixRunner:
             and kwargs.get("position_ids") is None
             and not kwargs.get("use_cache")
             and (attention_mask is None or attention_mask.dim() == 2)
+            and not (self.stack.training and getattr(self.stack, "gradient_checkpointing", False))
         )
         if not usable:
             return self.original_forward(*args, **kwargs)
@@ -169,6 +170,8 @@ class _PrefixRunner:
         if not self.cache.checked:
             self.cache.checked = True
             self._check(states, rest, input_ids, attention_mask)
+            if self.cache.disabled:  # this batch too comes from the full model
+                return self.original_forward(*args, **kwargs)
         return output
 
     def _check(self, states: torch.Tensor, rest: dict, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
@@ -207,12 +210,18 @@ def frozen_prefix(model: nn.Module, cache: PrefixStates | None = None, *, depth:
     (yields ``None``) when that is layer 0, when nothing below ``depth`` may change (a trainable
     parameter below it), or when the model has no Llama-style decoder stack. Pass the same
     ``cache`` to share states between calls (e.g. base-model loss, then gradients with the adapter).
+    Inside an active block, a nested ``frozen_prefix`` on the same model changes nothing and yields
+    the active cache.
     """
     found = decoder_stack(model)
     if found is None:
         yield None
         return
     stack, attr = found
+    active = getattr(stack.__dict__.get("forward"), "__self__", None)
+    if isinstance(active, _PrefixRunner):  # already inside a frozen_prefix block: it keeps serving
+        yield active.cache
+        return
     if depth is None:
         depth = cache.depth if cache is not None else first_tuned_layer(model)
     n_layers = len(getattr(stack, attr))
@@ -225,11 +234,15 @@ def frozen_prefix(model: nn.Module, cache: PrefixStates | None = None, *, depth:
         return
     cache = cache if cache is not None and cache.depth == depth else PrefixStates(depth)
     runner = _PrefixRunner(stack, attr, cache)
+    previous = stack.__dict__.get("forward")  # another library's wrapper, put back on exit
     stack.forward = runner.forward
     try:
         yield cache
     finally:
-        del stack.forward  # back to the class's forward
+        if previous is None:
+            del stack.forward  # back to the class's forward
+        else:
+            stack.forward = previous
 
 
 def adapter_first_layer(checkpoint: Any) -> int | None:

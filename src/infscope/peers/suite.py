@@ -61,7 +61,7 @@ def load_peer_table(run_dir: str | Path, names: Sequence[str]) -> pd.DataFrame |
     return pd.DataFrame(saved.get("table", []))
 
 
-def run_isolated(run_dir: str | Path, name: str):
+def run_isolated(run_dir: str | Path, name: str, *, timeout: float | None = None):
     """Run peer ``name`` on ``run_dir`` in a child process; a child that dies becomes an error row.
 
     The operating system kills a process that exhausts memory; in a child, that takes the peer
@@ -82,7 +82,14 @@ def run_isolated(run_dir: str | Path, name: str):
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"infscope-peer-{name}-") as tmp:
         command = [sys.executable, "-m", "infscope.peers.worker", str(run_dir), name, tmp]
-        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        try:
+            done = subprocess.run(
+                command, env=env, capture_output=True, text=True, check=False, timeout=timeout
+            )
+        except subprocess.TimeoutExpired:
+            return PeerResult(
+                name, None, time.perf_counter() - start, 0.0, f"peer stopped after the {timeout:g} s timeout"
+            )
         result = read_result(Path(tmp))
     if result is not None:
         return result
@@ -102,6 +109,7 @@ def run_peer_suite(
     log: Callable[[str], None] | None = None,
     resume: bool = True,
     isolate: bool = True,
+    timeout: float | None = None,
 ) -> pd.DataFrame:
     """Run ``names`` on the finished run ``run_dir``, compare with ours, save and return the table.
 
@@ -109,7 +117,8 @@ def run_peer_suite(
     instead of raising; with ``isolate`` (default) each peer runs in its own process
     (:func:`run_isolated`), so even one the system kills for memory leaves a row. Written
     atomically to ``out_dir`` (default ``RUN/peers``) as ``peers.csv`` and ``peers.json``
-    (table, peer names and each peer's meta).
+    (table, peer names and each peer's meta). ``timeout`` (seconds per isolated peer) turns a peer
+    that hangs into an error row.
     """
     from infscope.peers.agreement import compare_peers
     from infscope.peers.inputs import PeerInputs
@@ -121,13 +130,13 @@ def run_peer_suite(
         saved = load_peer_table(run_dir, names)
         if saved is not None:
             return saved
-    inputs = PeerInputs.from_run(run_dir)
+    inputs = None if isolate else PeerInputs.from_run(run_dir)  # children load their own copy
     results = []
     for name in names:
         if log is not None:
             log(f"peer {name}")
-        results.append(run_isolated(run_dir, name) if isolate else run_peer(name, inputs))
-    table = compare_peers(results, inputs)
+        results.append(run_isolated(run_dir, name, timeout=timeout) if isolate else run_peer(name, inputs))
+    table = compare_peers(results, inputs or PeerInputs.from_run(run_dir))
     seconds = gradient_seconds(run_dir)
     if seconds is not None:
         table = pd.concat([pd.DataFrame([{"method": "ours:gradients", "seconds": seconds}]), table])
