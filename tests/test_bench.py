@@ -449,3 +449,19 @@ def test_a_peer_process_that_dies_becomes_an_error_row(bench_dir):
     result = run_isolated(bench_dir / RUNS[0], "no_such_peer")
     assert result.scores is None and not result.ok
     assert "peer process exited with code 1" in result.error and "unknown peer 'no_such_peer'" in result.error
+
+
+def test_a_peer_saved_as_not_installed_is_run_again(tmp_path):
+    from infscope.peers.suite import load_peer_table
+
+    table = [
+        {"method": "reference_datainf", "error": None},
+        {"method": "cleanlab", "error": "not installed: pip install cleanlab"},
+    ]
+    (tmp_path / "peers").mkdir()
+    (tmp_path / "peers" / "peers.json").write_text(
+        json.dumps({"peers": ["reference_datainf", "cleanlab"], "table": table})
+    )
+    assert load_peer_table(tmp_path, ["reference_datainf"]) is not None
+    assert load_peer_table(tmp_path, ["reference_datainf", "cleanlab"]) is None
+    assert load_peer_table(tmp_path, ["kronfluence_ekfac"]) is None

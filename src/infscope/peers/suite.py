@@ -49,7 +49,8 @@ def gradient_seconds(run_dir: str | Path) -> float | None:
 def load_peer_table(run_dir: str | Path, names: Sequence[str]) -> pd.DataFrame | None:
     """The saved table of ``run_dir`` if it covers every peer in ``names``, else ``None``.
 
-    A table made for more peers is returned whole: its extra rows were paid for already.
+    A table made for more peers is returned whole: its extra rows were paid for already. A peer
+    that was "not installed" then does not count, so installing it and rerunning fills its row.
     """
     path = Path(run_dir) / PEERS_DIR / "peers.json"
     try:
@@ -58,7 +59,11 @@ def load_peer_table(run_dir: str | Path, names: Sequence[str]) -> pd.DataFrame |
         return None
     if not set(names) <= set(saved.get("peers") or []):
         return None
-    return pd.DataFrame(saved.get("table", []))
+    table = pd.DataFrame(saved.get("table", []))
+    errors = table.set_index("method")["error"] if {"method", "error"} <= set(table.columns) else pd.Series()
+    if any(str(errors.get(n) or "").startswith("not installed") for n in names):
+        return None
+    return table
 
 
 def run_isolated(run_dir: str | Path, name: str, *, timeout: float | None = None):
