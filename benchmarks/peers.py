@@ -43,12 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     try:
         names = peer_names(args.peers)
+        out = args.out or args.run_dir / PEERS_DIR
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("peers", total=None)
             table = run_peer_suite(
                 args.run_dir,
                 names,
-                out_dir=args.out or args.run_dir / PEERS_DIR,
+                out_dir=out,
                 log=lambda message: progress.update(task, description=message),
             )
     except InfscopeError as exc:
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 48):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    console.print(f"wrote {(args.out or args.run_dir / PEERS_DIR) / 'peers.csv'}")
+    console.print(f"wrote {out / 'peers.csv'}")
     return 0
 
 

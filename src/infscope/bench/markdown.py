@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from infscope.bench.results import SETTING_COLUMNS
+from infscope.bench.summary import PEER_COLUMNS, peer_cells, peer_summary, setting_label
 
 
 def _cell(mean: float, ci: float, digits: int = 3) -> str:
@@ -20,8 +21,7 @@ def _cell(mean: float, ci: float, digits: int = 3) -> str:
 
 
 def _setting_title(setting: tuple, seeds: int) -> str:
-    dataset, noise, ratio, model = setting
-    return f"**{dataset} / {noise} (ratio {ratio:g}) / {model}**, {seeds} seed{'s' if seeds != 1 else ''}"
+    return f"**{setting_label(setting)}**, {seeds} seed{'s' if seeds != 1 else ''}"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -93,16 +93,13 @@ def groups_markdown(aggregate: pd.DataFrame, level: str = "family", metric: str 
 
 def peers_markdown(peers: pd.DataFrame | None) -> str:
     """Per setting: each peer and our compared method, means over seeds (see :func:`peer_summary`)."""
-    from infscope.bench.summary import PEER_COLUMNS, peer_summary
-
     wide = peer_summary(peers)
     out: list[str] = []
     for setting, block in wide.groupby(list(SETTING_COLUMNS), sort=False):
         rows = []
         for record in block.to_dict("records"):
-            cells = [f"{record[c]:{spec}}" if np.isfinite(record[c]) else "-" for c, _, spec in PEER_COLUMNS]
             error = str(record["error"]).replace("|", "/")
-            rows.append([str(record["method"]), str(record["vs"] or ""), *cells, error])
+            rows.append([str(record["method"]), str(record["vs"] or ""), *peer_cells(record), error])
         out += ["", f"Peers on {_setting_title(setting, int(block['runs'].max()))}", ""]
         out += _table(["method", "vs", *(h for _, h, _ in PEER_COLUMNS), "error"], rows)
     return "\n".join(out).strip() + "\n" if out else ""

@@ -28,8 +28,8 @@ description: >-
   The `infscope demo` setting (PipelineConfig defaults: sentence_transform with 10 classes x 12
   training rows, 20% noise mixing grammar, semantic, quality and response swaps, SmolLM2-135M with LoRA r=8, 2 epochs) over three seeds,
   so every number gets a mean and a 95% interval; the DataInf reference loop and kronfluence (EK-FAC and
-  identity) run on each run and are compared with ours (dattri's per-example vmap takes about 30 s per
-  8 SmolLM2 rows here: run it on one run with benchmarks/peers.py).
+  identity) run on each run and are compared with ours (dattri's TracIn alone takes several minutes
+  per SmolLM2 run here: run dattri on one run with benchmarks/peers.py).
 axes:
   datasets: [sentence_transform]
   noise:

@@ -27,6 +27,12 @@ SUMMARY_METRICS = (
 )
 
 
+def setting_label(setting: tuple) -> str:
+    """``dataset / noise (ratio r) / model`` for one (dataset, noise, ratio, model) setting."""
+    dataset, noise, ratio, model = setting
+    return f"{dataset} / {noise} (ratio {ratio:g}) / {model}"
+
+
 def summary_frame(aggregate: pd.DataFrame) -> pd.DataFrame:
     """Wide summary: one row per setting and method, ``<metric>`` (mean), ``<metric>_ci``, ``n_seeds``.
 
@@ -93,9 +99,8 @@ def render_summary(
     ]
     tables = []
     for setting, part in wide.groupby(list(SETTING_COLUMNS), sort=False):
-        dataset, noise, ratio, model = setting
         table = Table(
-            title=f"{dataset} / {noise} (ratio {ratio:g}) / {model}",
+            title=setting_label(setting),
             caption=_setting_caption(aggregate, setting),
         )
         table.add_column("Method", no_wrap=True, min_width=12)
@@ -124,6 +129,11 @@ PEER_COLUMNS = (
 )
 
 
+def peer_cells(record: dict) -> list[str]:
+    """The :data:`PEER_COLUMNS` values of one :func:`peer_summary` row as text (``-`` when undefined)."""
+    return [f"{record[c]:{spec}}" if np.isfinite(record[c]) else "-" for c, _, spec in PEER_COLUMNS]
+
+
 def peer_summary(peers: pd.DataFrame) -> pd.DataFrame:
     """Per setting and method (peers and ``ours:*``): seed means, compared method, runs and first error."""
     keys = [*SETTING_COLUMNS, "method"]
@@ -150,9 +160,8 @@ def render_peers(peers: pd.DataFrame | None, console: Console | None = None) -> 
     wide = peer_summary(peers)
     tables = []
     for setting, part in wide.groupby(list(SETTING_COLUMNS), sort=False):
-        dataset, noise, ratio, model = setting
         table = Table(
-            title=f"peers on {dataset} / {noise} (ratio {ratio:g}) / {model}",
+            title=f"peers on {setting_label(setting)}",
             caption="means over seeds; time ratio = peer seconds / our seconds for the compared method "
             "(peers compute their own gradients; ours:gradients is our one-off pass)",
         )
@@ -163,9 +172,12 @@ def render_peers(peers: pd.DataFrame | None, console: Console | None = None) -> 
         table.add_column("Runs", justify="right")
         table.add_column("Error", overflow="fold")
         for record in part.to_dict("records"):
-            cells = [f"{record[c]:{spec}}" if np.isfinite(record[c]) else "-" for c, _, spec in PEER_COLUMNS]
             table.add_row(
-                str(record["method"]), str(record["vs"] or ""), *cells, str(record["runs"]), record["error"]
+                str(record["method"]),
+                str(record["vs"] or ""),
+                *peer_cells(record),
+                str(record["runs"]),
+                record["error"],
             )
         console.print(table)
         tables.append(table)

@@ -97,7 +97,7 @@ def show_command(
     ),
 ) -> None:
     """Re-print the summary of a benchmark directory from its results table."""
-    from infscope.bench.results import aggregate_results, read_results
+    from infscope.bench.results import PEERS_NAME, aggregate_results, read_results
     from infscope.bench.runner import BENCH_FILE
     from infscope.bench.summary import render_peers, render_summary
 
@@ -107,7 +107,7 @@ def show_command(
         name = json.loads((out / BENCH_FILE).read_text(encoding="utf-8")).get("spec", name)
     import pandas as pd
 
-    peers_file = out / "peers.parquet"
+    peers_file = out / f"{PEERS_NAME}.parquet"
     peers = pd.read_parquet(peers_file) if peers_file.is_file() else None
     if markdown:
         from infscope.bench.markdown import bench_markdown

@@ -65,8 +65,7 @@ class LoraSpec:
                 raise InfscopeError("target_modules is empty; name at least one module or leave it unset")
         if self.layers is not None:
             self.layers = str(self.layers).strip() or None
-            if self.layers is not None and self.layers != "all":
-                parse_layers(self.layers, None)  # syntax check now; range check once the model is known
+            parse_layers(self.layers, None)  # syntax check now; range check once the model is known
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for configs and fingerprints)."""
@@ -160,8 +159,9 @@ def attach_lora(loaded_or_model: Any, spec: LoraSpec | None = None, *, seed: int
         )
     classifier = _is_classifier(model)
     targets = spec.target_modules or default_targets(model)
-    layers = parse_layers(spec.layers, _layer_count(model)) if spec.layers else None
-    if layers is not None and _layer_count(model) is None:
+    n_layers = _layer_count(model)
+    layers = parse_layers(spec.layers, n_layers)
+    if layers is not None and n_layers is None:
         raise InfscopeError("cannot tell how many layers this model has; leave --lora-layers at all")
     config = LoraConfig(
         layers_to_transform=layers,

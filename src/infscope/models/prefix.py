@@ -24,7 +24,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 _LAYER_INDEX = re.compile(r"\.layers?\.(\d+)\.")
 
@@ -128,7 +130,8 @@ class _PrefixRunner:
 
     def _prefix_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         lengths = attention_mask.sum(dim=1).tolist()
-        keys = [self.cache.key(input_ids[j, : int(n)]) for j, n in enumerate(lengths)]
+        ids = input_ids.detach().to("cpu", torch.int64)  # one device transfer for the batch's keys
+        keys = [self.cache.key(ids[j, : int(n)]) for j, n in enumerate(lengths)]
         found = [self.cache.get(k) for k in keys]
         missing = [j for j, s in enumerate(found) if s is None]
         self.cache.hits += len(keys) - len(missing)
@@ -138,12 +141,8 @@ class _PrefixRunner:
             for pos, j in enumerate(missing):
                 found[j] = computed[pos, : int(lengths[j])]
                 self.cache.put(keys[j], found[j])
-        width = input_ids.shape[1]
-        first = found[0]
-        states = torch.zeros((len(found), width, first.shape[-1]), dtype=first.dtype, device=first.device)
-        for j, s in enumerate(found):
-            states[j, : s.shape[0]] = s
-        return states
+        states = pad_sequence(found, batch_first=True)  # zero states on padding positions
+        return F.pad(states, (0, 0, 0, input_ids.shape[1] - states.shape[1]))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
