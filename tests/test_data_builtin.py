@@ -9,6 +9,7 @@ from fractions import Fraction
 import pytest
 
 from infscope.data.builtin import BUILTIN_DATASETS, make_builtin
+from infscope.data.math_templates import TEMPLATES
 from infscope.data.sentences import ADJECTIVES, ADVERBS, METHOD_NAMES, NOUNS, PLACES, TRANSFORMS, VERBS
 from infscope.data.writing import write_rows
 from infscope.errors import InfscopeError
@@ -149,6 +150,8 @@ MATH_FORMULAS = [
     lambda a, b, c, d: a * c + b * d,
 ]
 
+MATH_FORMULAS_NAMES = [template.name for template in TEMPLATES]
+
 
 @pytest.mark.parametrize("paraphrase", [False, True])
 def test_math_answers_are_correct_integers(paraphrase):
@@ -175,3 +178,26 @@ def test_bad_arguments():
         make_builtin("math_reason", per_class=5, n_test_per_class=5)
     with pytest.raises(InfscopeError, match="--per-class"):
         make_builtin("math_reason", per_class=0)
+
+
+def test_instruction_mix_takes_turns_and_each_row_follows_its_task():
+    split = make_builtin("instruction_mix", seed=2, n_classes=15, per_class=6, n_test_per_class=1)
+    names = split.label_names
+    assert [n.split(":")[0] for n in names[:6]] == ["transform", "solve", "answer"] * 2
+    assert len(set(names)) == 15
+    math_index = {template_name: k for k, template_name in enumerate(MATH_FORMULAS_NAMES)}
+    kinds = Counter()
+    for row in split.train + split.test:
+        kind, name = names[row["class"]].split(":")
+        kinds[kind] += 1
+        if kind == "transform":
+            sentence = row["instruction"].split("transform: ", 1)[1]
+            assert row["output"] == _reference(name, sentence)
+            continue
+        slots = [Fraction(x) for x in re.findall(r"\d+", row["instruction"])]
+        expected = int(MATH_FORMULAS[math_index[name]](*slots))
+        if kind == "answer":
+            assert row["output"] == str(expected) and math_index[name] >= 5
+        else:
+            assert row["output"].endswith(f"The answer is {expected}.") and math_index[name] < 5
+    assert kinds == {"transform": 30, "solve": 30, "answer": 30}

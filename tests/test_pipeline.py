@@ -4,6 +4,7 @@ against independent computations (a per-row loss loop, sklearn AUROC on the save
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,6 +15,7 @@ from sklearn.metrics import roc_auc_score
 from infscope.cli import main
 from infscope.errors import InfscopeError
 from infscope.pipeline import PipelineConfig, run_pipeline
+from infscope.scoring import score_run
 
 SMALL = dict(
     model="tiny-llama",
@@ -103,6 +105,26 @@ def test_evaluate_and_score_commands(finished, capsys):
     # gradients recollected in RUN/scoring/<checkpoint> from the same adapter and rows give the same scores
     assert (out / "scoring").is_dir()
     np.testing.assert_allclose(after.loc[before.index], before, rtol=1e-4, atol=1e-6 * before.abs().max())
+
+
+def test_score_block_by_layer_groups_the_gradients(finished):
+    from infscope.grads.store import GradientStore
+
+    out, _ = finished
+    hf_matrix = score_run(out, ["hessian_free", "datainf"])
+    hf_layer = score_run(out, ["hessian_free", "datainf"], block_by="layer")
+    store = GradientStore.open(
+        out / "scoring" / f"{Path(hf_layer['datainf'].meta['checkpoint']).name}-layer" / "grads" / "train"
+    )
+    assert store.meta["block_by"] == "layer"
+    assert len(store.block_names) == 2  # tiny-llama: one block per decoder layer
+    matrix = GradientStore.open(hf_matrix["datainf"].meta["train_store"])
+    assert sum(store.block_dim(b) for b in store.block_names) == sum(
+        matrix.block_dim(b) for b in matrix.block_names
+    )
+    # dot products add over blocks, so hessian-free is the same; DataInf's per-block inverse is not
+    np.testing.assert_allclose(hf_layer["hessian_free"].values, hf_matrix["hessian_free"].values, rtol=1e-4)
+    assert not np.allclose(hf_layer["datainf"].values, hf_matrix["datainf"].values, rtol=1e-3)
 
 
 def test_bad_inputs_exit_2(tmp_path, capsys):

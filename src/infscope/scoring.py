@@ -424,7 +424,14 @@ def score_run(
     train_store, query_store = work / "grads" / "train", work / "grads" / query_name
     if not (_complete(train_store) and _complete(query_store) and (work / "losses.parquet").is_file()):
         info = collect_gradients(
-            run.spec, chosen.path, run.train, query_rows, work, grad_dtype=grad_dtype, query_name=query_name
+            run.spec,
+            chosen.path,
+            run.train,
+            query_rows,
+            work,
+            grad_dtype=grad_dtype,
+            query_name=query_name,
+            block_by=block_by,
         )
         atomic_write_json(work / "gradients.json", info)
     train_grads, query_grads = GradientStore.open(train_store), GradientStore.open(query_store)

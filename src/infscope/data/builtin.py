@@ -79,11 +79,38 @@ def _math_row(reason: bool) -> RowMaker:
 _TRANSFORM_NAMES = tuple(name for name, _ in TRANSFORMS)
 _MATH_NAMES = tuple(template.name for template in TEMPLATES)
 
+
+def _mix_parts() -> tuple[tuple[str, RowMaker, int], ...]:
+    """The classes of ``instruction_mix`` in order: (class name, row maker, class index in its task).
+
+    Tasks take turns (transformation, worked solution, bare number) so any ``--classes`` prefix mixes
+    them; worked solutions use templates 0-4 and bare numbers templates 5-9, so a question's template
+    always determines the answer's form.
+    """
+    half = len(TEMPLATES) // 2
+    reason, no_reason = _math_row(reason=True), _math_row(reason=False)
+    parts: list[tuple[str, RowMaker, int]] = []
+    for k in range(half):
+        parts.append((f"transform:{_TRANSFORM_NAMES[k]}", _transform_row, k))
+        parts.append((f"solve:{_MATH_NAMES[k]}", reason, k))
+        parts.append((f"answer:{_MATH_NAMES[half + k]}", no_reason, half + k))
+    return tuple(parts)
+
+
+_MIX_PARTS = _mix_parts()
+
+
+def _mix_row(cls: int, rng: random.Random, paraphrase: bool) -> dict[str, Any]:
+    _, make_row, local = _MIX_PARTS[cls]
+    return make_row(local, rng, paraphrase)
+
+
 BUILTIN_DATASETS: dict[str, BuiltinGenerator] = {
     "sentence_transform": BuiltinGenerator("st", "instruction", _TRANSFORM_NAMES, _transform_row),
     "math_no_reason": BuiltinGenerator("mn", "instruction", _MATH_NAMES, _math_row(reason=False)),
     "math_reason": BuiltinGenerator("mr", "instruction", _MATH_NAMES, _math_row(reason=True)),
     "sentence_transform_cls": BuiltinGenerator("stc", "classification", _TRANSFORM_NAMES, _transform_cls_row),
+    "instruction_mix": BuiltinGenerator("mix", "instruction", tuple(p[0] for p in _MIX_PARTS), _mix_row),
 }
 
 
