@@ -465,3 +465,37 @@ def test_a_peer_saved_as_not_installed_is_run_again(tmp_path):
     assert load_peer_table(tmp_path, ["reference_datainf"]) is not None
     assert load_peer_table(tmp_path, ["reference_datainf", "cleanlab"]) is None
     assert load_peer_table(tmp_path, ["kronfluence_ekfac"]) is None
+
+
+def test_an_interrupted_peer_suite_reruns_only_unfinished_peers(bench_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import infscope.peers.registry as registry
+    from infscope.peers.result import PeerResult
+    from infscope.peers.suite import PARTS_DIR, run_peer_suite
+
+    run = tmp_path / "run"
+    shutil.copytree(bench_dir / RUNS[0], run)
+    shutil.rmtree(run / "peers", ignore_errors=True)
+    first = run_peer_suite(run, ["reference_datainf"], isolate=False)
+    (run / "peers" / "peers.json").unlink()  # stopped before the table of a longer suite was written
+    calls = []
+
+    def fake(name, inputs):
+        calls.append(name)
+        if name == "reference_datainf":
+            pytest.fail("a finished peer ran again")
+        error = "not installed: pip install cleanlab" if len(calls) == 1 else None
+        scores = None if error else np.arange(len(inputs.train_ids), dtype=float)
+        return PeerResult(name, scores, 1.0, 2.0, error, list(inputs.train_ids))
+
+    monkeypatch.setattr(registry, "run_peer", fake)
+    table = run_peer_suite(run, ["reference_datainf", "cleanlab"], isolate=False).set_index("method")
+    reference = first.set_index("method").loc["reference_datainf"]
+    assert table.loc["reference_datainf", "rel_diff"] == reference["rel_diff"] < 1e-5
+    assert str(table.loc["cleanlab", "error"]).startswith("not installed")
+    assert (run / "peers" / PARTS_DIR / "cleanlab" / "result.json").is_file()
+    (run / "peers" / "peers.json").unlink()
+    table = run_peer_suite(run, ["reference_datainf", "cleanlab"], isolate=False).set_index("method")
+    assert calls == ["cleanlab", "cleanlab"]  # a peer saved as not installed is tried again
+    assert pd.isna(table.loc["cleanlab", "error"]) and table.loc["cleanlab", "seconds"] == 1.0

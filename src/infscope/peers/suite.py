@@ -3,7 +3,8 @@
 Shared by ``infscope bench`` (a spec's ``peers:`` key) and ``benchmarks/peers.py``. The table has
 one row per peer and per our compared method (see :func:`infscope.peers.agreement.compare_peers`),
 plus ``ours:gradients``: the one-off gradient pass our estimators share, which each peer pays
-inside its own seconds. A saved table is reused when it was made for (at least) the same peers.
+inside its own seconds. A saved table is reused when it was made for (at least) the same peers;
+each peer's result is also kept as it finishes, so a suite stopped halfway reruns only the rest.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ from typing import Any
 import pandas as pd
 
 from infscope.errors import InfscopeError
+from infscope.peers.worker import read_result, write_result
 from infscope.runs import atomic_write_json, atomic_write_text
 
 PEERS_DIR = "peers"
+#: Under the peers directory: one folder per finished peer, so an interrupted suite resumes peer by peer.
+PARTS_DIR = "parts"
 
 
 def peer_names(value: str | Sequence[str]) -> list[str]:
@@ -66,6 +70,14 @@ def load_peer_table(run_dir: str | Path, names: Sequence[str]) -> pd.DataFrame |
     return table
 
 
+def _finished_part(part: Path):
+    """The result a suite saved for one peer in ``part``, unless there is none or it was not installed."""
+    result = read_result(part)
+    if result is None or str(result.error or "").startswith("not installed"):
+        return None
+    return result
+
+
 def run_isolated(run_dir: str | Path, name: str, *, timeout: float | None = None):
     """Run peer ``name`` on ``run_dir`` in a child process; a child that dies becomes an error row.
 
@@ -81,7 +93,6 @@ def run_isolated(run_dir: str | Path, name: str, *, timeout: float | None = None
     import torch
 
     from infscope.peers.result import PeerResult
-    from infscope.peers.worker import read_result
 
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "TQDM_DISABLE": "1"}
     start = time.perf_counter()
@@ -138,9 +149,14 @@ def run_peer_suite(
     inputs = None if isolate else PeerInputs.from_run(run_dir)  # children load their own copy
     results = []
     for name in names:
-        if log is not None:
-            log(f"peer {name}")
-        results.append(run_isolated(run_dir, name, timeout=timeout) if isolate else run_peer(name, inputs))
+        part = out / PARTS_DIR / name
+        result = _finished_part(part) if resume else None
+        if result is None:
+            if log is not None:
+                log(f"peer {name}")
+            result = run_isolated(run_dir, name, timeout=timeout) if isolate else run_peer(name, inputs)
+            write_result(result, part)  # an interrupted suite keeps the peers it finished
+        results.append(result)
     table = compare_peers(results, inputs or PeerInputs.from_run(run_dir))
     seconds = gradient_seconds(run_dir)
     if seconds is not None:
