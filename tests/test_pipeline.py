@@ -107,10 +107,38 @@ def test_evaluate_and_score_commands(finished, capsys):
     np.testing.assert_allclose(after.loc[before.index], before, rtol=1e-4, atol=1e-6 * before.abs().max())
 
 
-def test_score_block_by_layer_groups_the_gradients(finished):
+@pytest.fixture
+def run_copy(finished, tmp_path):
+    """A copy of the finished run, for tests that rescore it (the module's other tests see the original)."""
+    import shutil
+
+    return Path(shutil.copytree(finished[0], tmp_path / "run"))
+
+
+def test_score_every_checkpoint_side_by_side(run_copy, capsys):
+    from infscope.scoring import open_finetuned_run
+
+    run = open_finetuned_run(run_copy)
+    assert len(run.checkpoints) == 2
+    scored = score_run(run_copy, ["hessian_free", "loss"], checkpoint="all")
+    other = next(c for c in run.checkpoints if c.path != run.best.path)
+    tag = f"@{Path(other.path).name}"
+    assert sorted(scored) == sorted(["hessian_free", "loss", f"hessian_free{tag}", f"loss{tag}"])
+    assert scored["loss"].meta["checkpoint"] == str(run.best.path)
+    alone = score_run(run_copy, ["hessian_free", "loss"], checkpoint=Path(other.path).name)
+    for method in ("hessian_free", "loss"):  # the same numbers as scoring that checkpoint on its own
+        np.testing.assert_allclose(scored[f"{method}{tag}"].values, alone[method].values, rtol=1e-6)
+    assert not np.allclose(scored["loss"].values, alone["loss"].values)
+    assert (run_copy / "results" / f"loss{tag}.csv").is_file()
+    assert main(["evaluate", str(run_copy), "--json"]) == 0
+    methods = {r["method"] for r in json.loads(capsys.readouterr().out)["leaderboard"]}
+    assert {f"hessian_free{tag}", f"loss{tag}"} <= methods
+
+
+def test_score_block_by_layer_groups_the_gradients(run_copy):
     from infscope.grads.store import GradientStore
 
-    out, _ = finished
+    out = run_copy
     hf_matrix = score_run(out, ["hessian_free", "datainf"])
     hf_layer = score_run(out, ["hessian_free", "datainf"], block_by="layer")
     store = GradientStore.open(

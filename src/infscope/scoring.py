@@ -248,9 +248,9 @@ def save_scores(run_dir: str | Path, scored: dict[str, Any], *, suffix: str = ""
     run_dir = Path(run_dir)
     for method, scores in scored.items():
         scores.save(run_dir / "scores" / f"{method}{suffix}.npz")
-        if not suffix:
-            scores.write_table(run_dir / "results" / f"{method}.parquet")
-            scores.write_table(run_dir / "results" / f"{method}.csv")
+        if np.ndim(scores.values) == 1:
+            scores.write_table(run_dir / "results" / f"{method}{suffix}.parquet")
+            scores.write_table(run_dir / "results" / f"{method}{suffix}.csv")
 
 
 def load_scores(run_dir: str | Path) -> dict[str, Any]:
@@ -389,7 +389,7 @@ def pick_checkpoint(run: FinetunedRun, which: str) -> Any:
         if Path(c.path).name == which or str(c.epoch) == which.removeprefix("epoch-"):
             return c
     names = ", ".join(Path(c.path).name for c in run.checkpoints)
-    raise InfscopeError(f"no checkpoint {which!r} in {run.path}; choose best, last or one of {names}")
+    raise InfscopeError(f"no checkpoint {which!r} in {run.path}; choose best, last, all or one of {names}")
 
 
 def score_run(
@@ -406,13 +406,14 @@ def score_run(
 
     Writes ``RUN/scores`` and ``RUN/results`` and returns ``{method: Scores}``. Gradients live in
     ``RUN/scoring/<checkpoint>/`` so several checkpoints or query sets can be scored side by side.
+    ``checkpoint="all"`` scores every checkpoint: the best one under the plain method names, each
+    other one as ``<method>@epoch-N`` (so ``infscope evaluate`` ranks them side by side); which
+    checkpoint is scored often matters more than the method.
     """
     from infscope.data.loading import load_rows
-    from infscope.grads.store import GradientStore
-    from infscope.runs import atomic_write_json
 
     run = open_finetuned_run(run_dir)
-    chosen = pick_checkpoint(run, checkpoint)
+    chosen = run.checkpoints if checkpoint == "all" else [pick_checkpoint(run, checkpoint)]
     if batch_size:
         run.spec.batch_size = int(batch_size)
     if query is None:
@@ -420,12 +421,38 @@ def score_run(
     else:
         loaded_query = load_rows(query, task=run.spec.task)
         query_rows, query_name = loaded_query.rows, "query-" + loaded_query.fingerprint
-    work = run.path / "scoring" / (Path(chosen.path).name + ("" if block_by == "matrix" else f"-{block_by}"))
+    single = [m for m in methods if m not in MULTI_CHECKPOINT_METHODS]
+    scored: dict[str, Any] = {}
+    for ckpt in chosen:
+        train_grads, query_grads, losses = _checkpoint_gradients(
+            run, ckpt, query_rows, query_name, grad_dtype, block_by
+        )
+        at_ckpt = score_methods(single, train_grads, query_grads, losses, seed=run.spec.seed)
+        for s in at_ckpt.values():
+            s.meta.update(checkpoint=str(ckpt.path), query=query_name, train_store=str(train_grads.path))
+        suffix = "" if len(chosen) == 1 or ckpt.path == run.best.path else f"@{Path(ckpt.path).name}"
+        scored.update({f"{name}{suffix}": s for name, s in at_ckpt.items()})
+    if "tracin" in methods:
+        scored["tracin"] = _tracin_all_checkpoints(run, query_rows, query_name, grad_dtype, block_by)
+    for name, s in scored.items():
+        s.method = name
+    save_scores(run.path, scored)
+    return scored
+
+
+def _checkpoint_gradients(
+    run: FinetunedRun, ckpt: Any, query_rows, query_name: str, grad_dtype: str, block_by: str
+):
+    """Train and query gradient stores and per-row losses at ``ckpt``, collected unless already complete."""
+    from infscope.grads.store import GradientStore
+    from infscope.runs import atomic_write_json
+
+    work = run.path / "scoring" / (Path(ckpt.path).name + ("" if block_by == "matrix" else f"-{block_by}"))
     train_store, query_store = work / "grads" / "train", work / "grads" / query_name
     if not (_complete(train_store) and _complete(query_store) and (work / "losses.parquet").is_file()):
         info = collect_gradients(
             run.spec,
-            chosen.path,
+            ckpt.path,
             run.train,
             query_rows,
             work,
@@ -434,49 +461,25 @@ def score_run(
             block_by=block_by,
         )
         atomic_write_json(work / "gradients.json", info)
-    train_grads, query_grads = GradientStore.open(train_store), GradientStore.open(query_store)
     losses = pd.read_parquet(work / "losses.parquet")
-    single = [m for m in methods if m not in MULTI_CHECKPOINT_METHODS]
-    scored = score_methods(single, train_grads, query_grads, losses, seed=run.spec.seed)
-    if "tracin" in methods:
-        scored["tracin"] = _tracin_all_checkpoints(run, query_rows, query_name, grad_dtype, block_by)
-    for s in scored.values():
-        s.meta.update(checkpoint=str(chosen.path), query=query_name, train_store=str(train_store))
-    save_scores(run.path, scored)
-    return scored
+    return GradientStore.open(train_store), GradientStore.open(query_store), losses
 
 
 def _tracin_all_checkpoints(run: FinetunedRun, query_rows, query_name: str, grad_dtype: str, block_by: str):
     """TracIn over every saved checkpoint: ``sum_c lr_c (-v_c . g_{z,c})`` with gradients at each one."""
     from infscope.estimators.registry import get_estimator
-    from infscope.grads.store import GradientStore
-    from infscope.runs import PeakMemory, atomic_write_json
+    from infscope.runs import PeakMemory
 
     start = time.perf_counter()
     pairs, queries = [], []
     epoch_lrs = mean_epoch_lrs(run.checkpoints)
     with PeakMemory() as mem:
         for ckpt in run.checkpoints:
-            work = (
-                run.path
-                / "scoring"
-                / (Path(ckpt.path).name + ("" if block_by == "matrix" else f"-{block_by}"))
+            train_grads, query_grads, _ = _checkpoint_gradients(
+                run, ckpt, query_rows, query_name, grad_dtype, block_by
             )
-            train_store, query_store = work / "grads" / "train", work / "grads" / query_name
-            if not (_complete(train_store) and _complete(query_store)):
-                info = collect_gradients(
-                    run.spec,
-                    ckpt.path,
-                    run.train,
-                    query_rows,
-                    work,
-                    grad_dtype=grad_dtype,
-                    query_name=query_name,
-                    block_by=block_by,
-                )
-                atomic_write_json(work / "gradients.json", info)
-            pairs.append((GradientStore.open(train_store), epoch_lrs[ckpt.path]))
-            queries.append(GradientStore.open(query_store))
+            pairs.append((train_grads, epoch_lrs[ckpt.path]))
+            queries.append(query_grads)
         scores = get_estimator("tracin").fit(pairs).score(queries)
     scores.method = "tracin"
     scores.meta.update(

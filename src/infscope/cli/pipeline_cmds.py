@@ -204,7 +204,11 @@ def score_command(
     query: str | None = typer.Option(
         None, "--query", help="Query rows [default: the run's validation rows]."
     ),
-    checkpoint: str = typer.Option("best", "--checkpoint", help="best, last or epoch-N."),
+    checkpoint: str = typer.Option(
+        "best",
+        "--checkpoint",
+        help="best, last, epoch-N, or all (the others saved as METHOD@epoch-N, ranked side by side by evaluate).",
+    ),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Rows per gradient pass."),
     grad_dtype: str = typer.Option(
         "float32", "--grad-dtype", help="Gradient store dtype: float32, float16, bfloat16."
