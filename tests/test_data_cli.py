@@ -74,6 +74,32 @@ def test_data_show_classification_counts(tmp_path, capsys):
     assert "classification" in out and "neg: 4, pos: 2" in out
 
 
+def test_data_show_counts_classes_in_numeric_order(tmp_path, capsys):
+    path = tmp_path / "mix.jsonl"
+    assert (
+        main(
+            [
+                "data",
+                "make",
+                "instruction_mix",
+                "--out",
+                str(path),
+                "--classes",
+                "12",
+                "--per-class",
+                "3",
+                "--test-per-class",
+                "1",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["data", "show", str(path), "--n", "0"]) == 0
+    out = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert "0: 2, 1: 2, 2: 2, 3: 2, 4: 2, 5: 2, 6: 2, 7: 2, 8: 2, 9: 2, 10: 2, 11: 2" in out
+
+
 def test_data_show_malformed_and_missing(tmp_path, capsys):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "a", "label": 1}\n{"text": \n')

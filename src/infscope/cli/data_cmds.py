@@ -49,7 +49,7 @@ def make_command(
         ..., "--out", "-o", help="Train file (.jsonl/.json/.csv/.parquet); test goes to <stem>.test<suffix>."
     ),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives byte-identical files."),
-    classes: int = typer.Option(10, "--classes", help="Number of classes (1-10)."),
+    classes: int = typer.Option(10, "--classes", help="Number of classes (1-10; instruction_mix 1-15)."),
     per_class: int = typer.Option(100, "--per-class", help="Rows per class, train + test."),
     test_per_class: int = typer.Option(
         10, "--test-per-class", help="Rows per class held out for the test split."
@@ -91,7 +91,9 @@ def _cell(value: Any) -> str:
 def _counts(rows: list[dict[str, Any]], key: str, names: list[str] | None) -> str:
     counts = Counter(row.get(key) for row in rows)
     parts = []
-    for value, count in sorted(counts.items(), key=lambda item: str(item[0])):
+    # numbers in numeric order (2 before 10), then any other values by text
+    order = sorted(counts, key=lambda v: (0, v, "") if isinstance(v, int | float) else (1, 0, str(v)))
+    for value, count in ((v, counts[v]) for v in order):
         label = names[value] if names and isinstance(value, int) and 0 <= value < len(names) else value
         parts.append(f"{label}: {count}")
     return ", ".join(parts)
