@@ -185,7 +185,8 @@ def _clean_record(row_id: str, seed: int) -> dict[str, Any]:
     return record
 
 
-def _model_spec(cfg: PipelineConfig, train: list[dict], label_names):
+def model_spec(cfg: PipelineConfig, train: list[dict], label_names):
+    """The model a run of ``cfg`` fine-tunes and scores (task from the rows, classes from ``label_names``)."""
     from infscope.scoring import ModelSpec
 
     return ModelSpec(
@@ -207,23 +208,30 @@ def _lora_spec(cfg: PipelineConfig):
     return LoraSpec(r=cfg.rank, alpha=cfg.alpha, dropout=0.0, target_modules=targets, layers=cfg.lora_layers)
 
 
+def finetune_config(cfg: PipelineConfig):
+    """The :class:`~infscope.models.finetune.FinetuneConfig` of a run of ``cfg`` (also used to retrain it)."""
+    from infscope.models.finetune import FinetuneConfig
+
+    return FinetuneConfig(
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        max_length=cfg.max_length,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        lora=_lora_spec(cfg),
+    )
+
+
 def stage_finetune(run: RunDir, cfg: PipelineConfig, train, val, label_names) -> dict[str, Any]:
     """LoRA fine-tuning with a checkpoint per epoch; records which checkpoint will be scored."""
-    from infscope.models.finetune import FinetuneConfig, finetune
+    from infscope.models.finetune import finetune
 
     if not run.done("finetune"):
         with run.stage("finetune") as rec:
-            loaded = _model_spec(cfg, train, label_names).load_base()
-            ft_config = FinetuneConfig(
-                epochs=cfg.epochs,
-                lr=cfg.lr,
-                batch_size=cfg.batch_size,
-                seed=cfg.seed,
-                max_length=cfg.max_length,
-                device=cfg.device,
-                dtype=cfg.dtype,
-                lora=_lora_spec(cfg),
-            )
+            loaded = model_spec(cfg, train, label_names).load_base()
+            ft_config = finetune_config(cfg)
             labels = label_names if row_task(train) == "classification" else None
             result = finetune(loaded, train, val, ft_config, run.file("finetune"), label_names=labels)
             chosen = result.best if cfg.checkpoint == "best" else result.checkpoints[-1]
@@ -254,7 +262,7 @@ def stage_gradients(
 
     if not run.done("gradients"):
         with run.stage("gradients") as rec:
-            spec = _model_spec(cfg, train, label_names)
+            spec = model_spec(cfg, train, label_names)
             rec.info.update(
                 collect_gradients(spec, checkpoint, train, val, run.path, grad_dtype=cfg.grad_dtype)
             )
