@@ -5,14 +5,17 @@ detection then assumes that noisy rows raise it. This script checks that assumpt
 runs of ``benchmarks/swap_study.py`` (or any pipeline run with a noise manifest): for each run it
 fine-tunes again, with the run's own settings and seed, on
 
-* ``dropped``: the training rows minus the noisy ones, and
+* ``dropped``: the training rows minus the noisy ones;
+* ``control``: the training rows minus as many randomly chosen *clean* rows (seeded), which separates
+  the effect of removing the noise from the effect of training on fewer rows (fewer optimizer steps);
 * ``clean``: every row with its original response restored (``data/train.clean.jsonl``),
 
-and prints the best validation loss of each next to the run's own (``noisy``), together with what
+and prints the best validation loss of each next to the run's own best (``noisy``), together with what
 DataInf and hessian-free predicted for the noisy rows as a group (the sum of their scores: positive =
-predicted harmful) and the AUROC of DataInf and of the training loss. When ``dropped`` is *not* below
-``noisy``, the swapped rows did not hurt the validation loss, and no estimator of that loss can call
-them harmful. ``--recheck`` also retrains the noisy rows, to show that retraining reproduces the run.
+predicted harmful) and the AUROC of DataInf and of the training loss. When ``dropped`` is not below
+``control``, removing the swapped rows helped no more than removing as many clean ones: the swaps did
+not hurt the validation loss, and no estimator of that loss can rank them as harmful. Instruction runs
+only (the retrain uses the run's causal LM). ``--recheck`` also retrains the noisy rows, to show that retraining reproduces the run.
 
     python3 benchmarks/swap_counterfactual.py bench_out/swap_study/*/swap/smollm2-135m/seed-*
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from pathlib import Path
 
@@ -29,8 +33,9 @@ import pandas as pd
 import torch
 
 from infscope.data.loading import load_rows
+from infscope.models.finetune import read_checkpoints
 from infscope.pipeline import PipelineConfig, finetune_config, model_spec
-from infscope.scoring import load_scores
+from infscope.scoring import load_scores, row_task
 
 
 def retrain_val_loss(cfg: PipelineConfig, rows: list[dict], val: list[dict], out: Path) -> float:
@@ -42,24 +47,32 @@ def retrain_val_loss(cfg: PipelineConfig, rows: list[dict], val: list[dict], out
 
 
 def study_run(run: Path, recheck: bool) -> dict:
-    """Validation loss noisy / dropped / clean and the group prediction of each estimator for one run."""
+    """Validation loss noisy / dropped / control / clean and each estimator's group prediction for one run."""
     record = json.loads((run / "run.json").read_text())
-    cfg = PipelineConfig(
-        **{k: v for k, v in record["args"].items() if k in PipelineConfig.__dataclass_fields__}
-    )
+    fields = PipelineConfig.__dataclass_fields__
+    cfg = PipelineConfig(**{k: v for k, v in record["args"].items() if k in fields})
+    train = load_rows(run / "data" / "train.jsonl").rows
+    if row_task(train) != "instruction":
+        raise SystemExit(
+            f"{run}: only instruction runs can be retrained here (this one is {row_task(train)})"
+        )
     manifest = pd.read_json(run / "data" / "manifest.jsonl", lines=True).set_index("id")
     noisy_ids = set(manifest.index[manifest["is_noisy"]])
-    train = load_rows(run / "data" / "train.jsonl").rows
+    clean_ids = sorted(set(manifest.index) - noisy_ids)
+    control_ids = set(random.Random(f"control:{cfg.seed}").sample(clean_ids, len(noisy_ids)))
     clean = load_rows(run / "data" / "train.clean.jsonl").rows
     val = load_rows(run / "data" / "val.jsonl").rows
     work = run / "counterfactual"
+
+    def without(ids: set[str]) -> list[dict]:
+        return [r for r in train if r["id"] not in ids]
+
     out = {
         "run": str(run),
         "noisy_rows": len(noisy_ids),
-        "noisy": float(record["stages"]["finetune"]["info"]["val_loss"]),
-        "dropped": retrain_val_loss(
-            cfg, [r for r in train if r["id"] not in noisy_ids], val, work / "dropped"
-        ),
+        "noisy": float(read_checkpoints(run / "finetune").best.val_loss),
+        "dropped": retrain_val_loss(cfg, without(noisy_ids), val, work / "dropped"),
+        "control": retrain_val_loss(cfg, without(control_ids), val, work / "control"),
         "clean": retrain_val_loss(cfg, clean, val, work / "clean"),
     }
     if recheck:
@@ -67,6 +80,8 @@ def study_run(run: Path, recheck: bool) -> dict:
     scores = load_scores(run)
     truth = manifest["is_noisy"]
     for method in ("datainf", "hessian_free"):
+        if method not in scores:
+            continue
         s = scores[method]
         values = pd.Series(np.asarray(s.values), index=s.train_ids)
         out[f"{method}_group"] = float(values[truth.loc[s.train_ids].to_numpy()].sum())
@@ -93,12 +108,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     frame = pd.DataFrame([study_run(run, args.recheck) for run in args.runs])
-    frame["swaps_hurt"] = frame["dropped"] < frame["noisy"]
+    frame["swaps_hurt"] = frame["dropped"] < frame["control"]
     if args.csv:
         frame.to_csv(args.csv, index=False)
     print(f"{len(frame)} runs in {time.perf_counter() - start:.0f} s")
-    columns = ["run", "noisy", "dropped", "clean", "swaps_hurt", "datainf_group", "hessian_free_group"]
-    columns += [c for c in ("noisy_again", "datainf_auroc", "loss_auroc") if c in frame]
+    columns = ["run", "noisy", "dropped", "control", "clean", "swaps_hurt"]
+    optional = ("datainf_group", "hessian_free_group", "noisy_again", "datainf_auroc", "loss_auroc")
+    columns += [c for c in optional if c in frame]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for row in frame[columns].itertuples(index=False):

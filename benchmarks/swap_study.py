@@ -66,7 +66,7 @@ def checkpoint_gradients(run, checkpoint, scored_path: str) -> Path:
         return run.path  # the bench run's own gradients
     work = run.path / "study" / Path(checkpoint.path).name
     stores = [work / "grads" / name for name in ("train", "val")]
-    done = all((s / "index.json").is_file() and GradientStore.open(s).is_complete() for s in stores)
+    done = all((s / "index.json").is_file() and GradientStore.open(s).is_complete for s in stores)
     if not (done and (work / "losses.parquet").is_file()):
         collect_gradients(run.spec, checkpoint.path, run.train, run.val, work)
     return work

@@ -497,5 +497,5 @@ def test_an_interrupted_peer_suite_reruns_only_unfinished_peers(bench_dir, tmp_p
     assert (run / "peers" / PARTS_DIR / "cleanlab" / "result.json").is_file()
     (run / "peers" / "peers.json").unlink()
     table = run_peer_suite(run, ["reference_datainf", "cleanlab"], isolate=False).set_index("method")
-    assert calls == ["cleanlab", "cleanlab"]  # a peer saved as not installed is tried again
+    assert calls == ["cleanlab", "cleanlab"]  # a peer that failed (here: not installed) is tried again
     assert pd.isna(table.loc["cleanlab", "error"]) and table.loc["cleanlab", "seconds"] == 1.0

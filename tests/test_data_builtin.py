@@ -180,6 +180,9 @@ def test_bad_arguments():
         make_builtin("math_reason", per_class=0)
 
 
+_TRANSFORM_INDEX = {name: k for k, (name, _) in enumerate(TRANSFORMS)}
+
+
 def test_instruction_mix_takes_turns_and_each_row_follows_its_task():
     split = make_builtin("instruction_mix", seed=2, n_classes=15, per_class=6, n_test_per_class=1)
     names = split.label_names
@@ -191,6 +194,7 @@ def test_instruction_mix_takes_turns_and_each_row_follows_its_task():
         kind, name = names[row["class"]].split(":")
         kinds[kind] += 1
         if kind == "transform":
+            assert METHOD_NAMES[_TRANSFORM_INDEX[name]] in row["instruction"]
             sentence = row["instruction"].split("transform: ", 1)[1]
             assert row["output"] == _reference(name, sentence)
             continue

@@ -121,18 +121,35 @@ def test_score_every_checkpoint_side_by_side(run_copy, capsys):
     run = open_finetuned_run(run_copy)
     assert len(run.checkpoints) == 2
     scored = score_run(run_copy, ["hessian_free", "loss"], checkpoint="all")
+    tags = [f"@{Path(c.path).name}" for c in run.checkpoints]
+    expected = ["hessian_free", "loss"] + [f"{m}{t}" for t in tags for m in ("hessian_free", "loss")]
+    assert sorted(scored) == sorted(expected)
+    assert list(scored)[0] == "hessian_free" and scored["loss"].meta["checkpoint"] == str(run.best.path)
+    best_tag = f"@{Path(run.best.path).name}"
+    np.testing.assert_array_equal(scored[f"loss{best_tag}"].values, scored["loss"].values)
     other = next(c for c in run.checkpoints if c.path != run.best.path)
     tag = f"@{Path(other.path).name}"
-    assert sorted(scored) == sorted(["hessian_free", "loss", f"hessian_free{tag}", f"loss{tag}"])
-    assert scored["loss"].meta["checkpoint"] == str(run.best.path)
     alone = score_run(run_copy, ["hessian_free", "loss"], checkpoint=Path(other.path).name)
     for method in ("hessian_free", "loss"):  # the same numbers as scoring that checkpoint on its own
         np.testing.assert_allclose(scored[f"{method}{tag}"].values, alone[method].values, rtol=1e-6)
     assert not np.allclose(scored["loss"].values, alone["loss"].values)
+    # scoring again removed the epoch scores of those methods: nothing stale is ranked beside the new ones
+    assert not list((run_copy / "scores").glob("loss@*")) and not list((run_copy / "results").glob("loss@*"))
+    score_run(run_copy, ["loss"], checkpoint="all")
     assert (run_copy / "results" / f"loss{tag}.csv").is_file()
     assert main(["evaluate", str(run_copy), "--json"]) == 0
     methods = {r["method"] for r in json.loads(capsys.readouterr().out)["leaderboard"]}
-    assert {f"hessian_free{tag}", f"loss{tag}"} <= methods
+    assert {f"loss{t}" for t in tags} <= methods and not any(m.startswith("hessian_free@") for m in methods)
+
+
+def test_score_tracin_command(run_copy, capsys):
+    from infscope.estimators.scores import Scores
+
+    assert main(["score", str(run_copy), "--method", "tracin,hessian_free"]) == 0
+    out = capsys.readouterr().out
+    assert "gradients:" in out and "tracin" in out
+    tracin = Scores.load(run_copy / "scores" / "tracin.npz")
+    assert tracin.meta["checkpoint"] == "all" and len(tracin.meta["checkpoints"]) == 2
 
 
 def test_score_block_by_layer_groups_the_gradients(run_copy):
@@ -153,6 +170,21 @@ def test_score_block_by_layer_groups_the_gradients(run_copy):
     # dot products add over blocks, so hessian-free is the same; DataInf's per-block inverse is not
     np.testing.assert_allclose(hf_layer["hessian_free"].values, hf_matrix["hessian_free"].values, rtol=1e-4)
     assert not np.allclose(hf_layer["datainf"].values, hf_matrix["datainf"].values, rtol=1e-3)
+
+
+def test_gradients_made_with_other_blocks_are_collected_again(run_copy):
+    import shutil
+
+    from infscope.grads.store import GradientStore
+
+    matrix = score_run(run_copy, ["datainf"])
+    work = Path(matrix["datainf"].meta["train_store"]).parent.parent
+    layer_dir = work.with_name(work.name + "-layer")
+    shutil.copytree(work, layer_dir)  # what `--block-by layer` left before it reached the gradient pass
+    assert GradientStore.open(layer_dir / "grads" / "train").meta["block_by"] == "matrix"
+    layer = score_run(run_copy, ["datainf"], block_by="layer")
+    store = GradientStore.open(Path(layer["datainf"].meta["train_store"]))
+    assert store.meta["block_by"] == "layer" and len(store.block_names) == 2
 
 
 def test_bad_inputs_exit_2(tmp_path, capsys):

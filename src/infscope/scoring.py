@@ -7,14 +7,17 @@ Used by the pipeline (``infscope demo``) and by ``infscope score RUN`` on a run 
     losses.parquet               id, loss (after tuning, at the scored checkpoint), base_loss
     scores/<method>.npz          Scores (values, ids, meta with seconds and peak memory)
     results/<method>.parquet     ranked table: id, score, rank (1 = most harmful), is_flagged
+    scoring/<checkpoint>[-<block_by>]/   gradients and losses of ``infscope score`` per checkpoint
+    scores/<method>@epoch-N.npz, results/<method>@epoch-N.*   ``infscope score --checkpoint all``
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -244,7 +247,7 @@ def _in_memory_if_small(grads, limit_bytes: int = 2 << 30):
 
 
 def save_scores(run_dir: str | Path, scored: dict[str, Any], *, suffix: str = "") -> None:
-    """Write ``scores/<method><suffix>.npz`` and, for vectors, ``results/<method>.parquet`` and ``.csv``."""
+    """Write ``scores/<method><suffix>.npz`` and, for vectors, ``results/<method><suffix>.parquet`` and ``.csv``."""
     run_dir = Path(run_dir)
     for method, scores in scored.items():
         scores.save(run_dir / "scores" / f"{method}{suffix}.npz")
@@ -406,14 +409,16 @@ def score_run(
 
     Writes ``RUN/scores`` and ``RUN/results`` and returns ``{method: Scores}``. Gradients live in
     ``RUN/scoring/<checkpoint>/`` so several checkpoints or query sets can be scored side by side.
-    ``checkpoint="all"`` scores every checkpoint: the best one under the plain method names, each
-    other one as ``<method>@epoch-N`` (so ``infscope evaluate`` ranks them side by side); which
-    checkpoint is scored often matters more than the method.
+    ``checkpoint="all"`` also scores every checkpoint as ``<method>@epoch-N`` (the plain names hold
+    the best checkpoint), so ``infscope evaluate`` ranks the epochs side by side, over seeds too;
+    which checkpoint is scored often matters more than the method. Scoring a method again removes
+    its earlier ``@epoch-N`` scores, so no stale epoch is ranked beside new scores.
     """
     from infscope.data.loading import load_rows
 
     run = open_finetuned_run(run_dir)
-    chosen = run.checkpoints if checkpoint == "all" else [pick_checkpoint(run, checkpoint)]
+    every = checkpoint == "all"
+    chosen = pick_checkpoint(run, "best" if every else checkpoint)
     if batch_size:
         run.spec.batch_size = int(batch_size)
     if query is None:
@@ -422,22 +427,37 @@ def score_run(
         loaded_query = load_rows(query, task=run.spec.task)
         query_rows, query_name = loaded_query.rows, "query-" + loaded_query.fingerprint
     single = [m for m in methods if m not in MULTI_CHECKPOINT_METHODS]
-    scored: dict[str, Any] = {}
-    for ckpt in chosen:
+
+    def score_at(ckpt: Any) -> dict[str, Any]:
         train_grads, query_grads, losses = _checkpoint_gradients(
             run, ckpt, query_rows, query_name, grad_dtype, block_by
         )
         at_ckpt = score_methods(single, train_grads, query_grads, losses, seed=run.spec.seed)
         for s in at_ckpt.values():
             s.meta.update(checkpoint=str(ckpt.path), query=query_name, train_store=str(train_grads.path))
-        suffix = "" if len(chosen) == 1 or ckpt.path == run.best.path else f"@{Path(ckpt.path).name}"
-        scored.update({f"{name}{suffix}": s for name, s in at_ckpt.items()})
+        return at_ckpt
+
+    scored = score_at(chosen)
+    if every:
+        for ckpt in run.checkpoints:
+            at_ckpt = scored if ckpt.path == chosen.path else score_at(ckpt)
+            tag = Path(ckpt.path).name
+            for name, s in list(at_ckpt.items()):
+                if "@" not in name:
+                    scored[f"{name}@{tag}"] = replace(s, method=f"{name}@{tag}", meta=dict(s.meta))
     if "tracin" in methods:
         scored["tracin"] = _tracin_all_checkpoints(run, query_rows, query_name, grad_dtype, block_by)
-    for name, s in scored.items():
-        s.method = name
+    _remove_epoch_scores(run.path, methods)
     save_scores(run.path, scored)
     return scored
+
+
+def _remove_epoch_scores(run_dir: Path, methods: Sequence[str]) -> None:
+    """Delete ``<method>@epoch-N`` scores and tables of ``methods`` left by an earlier ``--checkpoint all``."""
+    for method in methods:
+        for folder, pattern in (("scores", f"{method}@*.npz"), ("results", f"{method}@*")):
+            for path in (run_dir / folder).glob(pattern):
+                path.unlink()
 
 
 def _checkpoint_gradients(
@@ -449,7 +469,11 @@ def _checkpoint_gradients(
 
     work = run.path / "scoring" / (Path(ckpt.path).name + ("" if block_by == "matrix" else f"-{block_by}"))
     train_store, query_store = work / "grads" / "train", work / "grads" / query_name
-    if not (_complete(train_store) and _complete(query_store) and (work / "losses.parquet").is_file()):
+    ready = _complete(train_store) and _complete(query_store) and (work / "losses.parquet").is_file()
+    if ready and not _store_matches(train_store, block_by, grad_dtype):
+        shutil.rmtree(work)  # made with other blocks or another dtype (or before --block-by reached it)
+        ready = False
+    if not ready:
         info = collect_gradients(
             run.spec,
             ckpt.path,
@@ -463,6 +487,14 @@ def _checkpoint_gradients(
         atomic_write_json(work / "gradients.json", info)
     losses = pd.read_parquet(work / "losses.parquet")
     return GradientStore.open(train_store), GradientStore.open(query_store), losses
+
+
+def _store_matches(path: Path, block_by: str, grad_dtype: str) -> bool:
+    """Whether the gradient store at ``path`` holds ``block_by`` blocks in ``grad_dtype``."""
+    from infscope.grads.store import GradientStore, dtype_name
+
+    store = GradientStore.open(path)
+    return store.meta.get("block_by", "matrix") == block_by and store.dtype == dtype_name(grad_dtype)
 
 
 def _tracin_all_checkpoints(run: FinetunedRun, query_rows, query_name: str, grad_dtype: str, block_by: str):
@@ -485,6 +517,9 @@ def _tracin_all_checkpoints(run: FinetunedRun, query_rows, query_name: str, grad
     scores.meta.update(
         seconds=round(time.perf_counter() - start, 4),
         peak_rss_mb=round(mem.peak_rss / 2**20, 1),
+        checkpoint="all",
+        query=query_name,
+        train_store=str(pairs[-1][0].path),
         checkpoints=[str(c.path) for c in run.checkpoints],
         checkpoint_weights=[epoch_lrs[c.path] for c in run.checkpoints],
     )

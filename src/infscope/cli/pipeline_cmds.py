@@ -239,10 +239,10 @@ def score_command(
         block_by=block_by,
     )
     first = next(iter(scored.values()))
-    store_path = Path(first.meta["train_store"])
     from infscope.grads.blocks import block_inventory, format_inventory
     from infscope.grads.store import GradientStore
 
+    store_path = Path(first.meta["train_store"])
     inventory = block_inventory(GradientStore.open(store_path))
     console.print(
         f"gradients: {len(inventory)} blocks, {sum(b.dim for b in inventory):,} parameters ({store_path})"

@@ -8,6 +8,9 @@
 * ``math_no_reason`` / ``math_reason``: class k is word-problem template k of
   :data:`~infscope.data.math_templates.TEMPLATES`; the output is the number, or a short worked
   solution ending in "The answer is N.".
+* ``instruction_mix``: the three instruction tasks taking turns by class (transformation k, worked
+  solution of template k, bare answer of template 5 + k), so rows differ widely in difficulty, as
+  in real instruction data; 15 classes.
 
 Every row has an int ``class`` and an id like ``st-c3-0042`` (class 3, item 42 of that class);
 the last ``n_test_per_class`` items of each class form the test split. All randomness comes from

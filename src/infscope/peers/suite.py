@@ -71,11 +71,9 @@ def load_peer_table(run_dir: str | Path, names: Sequence[str]) -> pd.DataFrame |
 
 
 def _finished_part(part: Path):
-    """The result a suite saved for one peer in ``part``, unless there is none or it was not installed."""
+    """The result a suite saved for one peer in ``part`` if that peer succeeded (failures are retried)."""
     result = read_result(part)
-    if result is None or str(result.error or "").startswith("not installed"):
-        return None
-    return result
+    return result if result is not None and result.error is None else None
 
 
 def run_isolated(run_dir: str | Path, name: str, *, timeout: float | None = None):
