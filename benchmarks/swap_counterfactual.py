@@ -10,12 +10,13 @@ fine-tunes again, with the run's own settings and seed, on
   the effect of removing the noise from the effect of training on fewer rows (fewer optimizer steps);
 * ``clean``: every row with its original response restored (``data/train.clean.jsonl``),
 
-and prints the best validation loss of each next to the run's own best (``noisy``), together with what
-DataInf and hessian-free predicted for the noisy rows as a group (the sum of their scores: positive =
-predicted harmful) and the AUROC of DataInf and of the training loss. When ``dropped`` is not below
-``control``, removing the swapped rows helped no more than removing as many clean ones: the swaps did
-not hurt the validation loss, and no estimator of that loss can rank them as harmful. Instruction runs
-only (the retrain uses the run's causal LM). ``--recheck`` also retrains the noisy rows, to show that retraining reproduces the run.
+and prints the best validation loss of each next to the run's own best (``noisy``). ``removal_effect`` =
+``dropped - noisy`` is what removing the noisy rows did to the validation loss (positive: they had been
+*lowering* it, i.e. helping), the quantity an influence estimator predicts for the group; ``datainf_group``
+and ``hessian_free_group`` are those predictions (the sum of the noisy rows' scores, positive = harmful), and
+``datainf_sign_ok`` says whether DataInf's sign matches the retraining. ``dropped`` against ``control`` says
+whether the noisy rows were worth less than as many clean ones. ``--recheck`` also retrains the noisy rows,
+to show that retraining reproduces the run. Instruction runs only (the retrain uses the run's causal LM).
 
     python3 benchmarks/swap_counterfactual.py bench_out/swap_study/*/swap/smollm2-135m/seed-*
 """
@@ -108,12 +109,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     frame = pd.DataFrame([study_run(run, args.recheck) for run in args.runs])
-    frame["swaps_hurt"] = frame["dropped"] < frame["control"]
+    frame["removal_effect"] = frame["dropped"] - frame["noisy"]
+    if "datainf_group" in frame:
+        frame["datainf_sign_ok"] = (frame["datainf_group"] > 0) == (frame["removal_effect"] < 0)
     if args.csv:
         frame.to_csv(args.csv, index=False)
     print(f"{len(frame)} runs in {time.perf_counter() - start:.0f} s")
-    columns = ["run", "noisy", "dropped", "control", "clean", "swaps_hurt"]
-    optional = ("datainf_group", "hessian_free_group", "noisy_again", "datainf_auroc", "loss_auroc")
+    columns = ["run", "noisy", "dropped", "control", "clean", "removal_effect"]
+    optional = (
+        "datainf_group",
+        "datainf_sign_ok",
+        "hessian_free_group",
+        "noisy_again",
+        "datainf_auroc",
+        "loss_auroc",
+    )
     columns += [c for c in optional if c in frame]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
