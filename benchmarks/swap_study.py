@@ -12,8 +12,8 @@ through ``infscope bench`` (the demo's model settings, resumable), then scores t
 
 It prints, per task and epoch, the validation loss and the mean AUROC (swapped vs clean rows) with a 95 %
 t interval over seeds, as Markdown, and writes ``swap_study.csv`` under ``--out``. Gradients of
-checkpoints other than the one the bench run scored go to ``RUN/study/epoch-N`` (reused on reruns);
-the bench run's own results are left untouched.
+checkpoints other than the one the bench run scored go to ``RUN/scoring/epoch-N`` (reused on reruns,
+and by ``infscope score``); the bench run's own results are left untouched.
 
     python3 benchmarks/swap_study.py --out bench_out/swap_study
     python3 benchmarks/swap_study.py --model tiny-llama --seeds 0 --out /tmp/swap   # plumbing check
@@ -37,7 +37,7 @@ from infscope.evaluate.stats import t_critical
 from infscope.grads.base import InMemoryGradients
 from infscope.grads.blocks import block_key
 from infscope.grads.store import GradientStore
-from infscope.scoring import collect_gradients, open_finetuned_run, score_methods
+from infscope.scoring import checkpoint_gradients, open_finetuned_run, score_methods
 
 SPEC = """
 name: swap_study
@@ -60,22 +60,21 @@ def regroup(grads, block_by: str) -> InMemoryGradients:
     return InMemoryGradients(grads.ids, blocks)
 
 
-def checkpoint_gradients(run, checkpoint, scored_path: str) -> Path:
-    """Directory holding ``grads/train``, ``grads/val`` and ``losses.parquet`` for ``checkpoint``."""
+def gradients_at(run, checkpoint, scored_path: str) -> tuple:
+    """Train and validation gradient stores and per-row losses at ``checkpoint``.
+
+    The bench run's own gradients for the checkpoint it scored; the others are collected (once) in
+    ``RUN/scoring/epoch-N`` as ``infscope score --checkpoint epoch-N`` does, without touching the
+    run's results.
+    """
     if str(checkpoint.path) == scored_path:
-        return run.path  # the bench run's own gradients
-    work = run.path / "study" / Path(checkpoint.path).name
-    stores = [work / "grads" / name for name in ("train", "val")]
-    done = all((s / "index.json").is_file() and GradientStore.open(s).is_complete for s in stores)
-    if not (done and (work / "losses.parquet").is_file()):
-        collect_gradients(run.spec, checkpoint.path, run.train, run.val, work)
-    return work
+        stores = (GradientStore.open(run.path / "grads" / name) for name in ("train", "val"))
+        return (*stores, pd.read_parquet(run.path / "losses.parquet"))
+    return checkpoint_gradients(run, checkpoint, run.val, "val", "float32", "matrix")
 
 
-def score_checkpoint(work: Path, noisy: pd.Series) -> dict[str, float]:
+def score_checkpoint(train, query, losses: pd.DataFrame, noisy: pd.Series) -> dict[str, float]:
     """AUROC of every column of :data:`COLUMNS` on the rows of ``noisy`` (True = swapped)."""
-    train, query = GradientStore.open(work / "grads" / "train"), GradientStore.open(work / "grads" / "val")
-    losses = pd.read_parquet(work / "losses.parquet")
     scored = score_methods(MATRIX_METHODS, train, query, losses)
     scored["datainf_per_layer"] = score_methods(
         ["datainf"], regroup(train, "layer"), regroup(query, "layer"), None
@@ -133,7 +132,7 @@ def main() -> None:
             manifest = pd.read_json(run.path / "data" / "manifest.jsonl", lines=True).set_index("id")
             scored_path = json.loads((run.path / "evaluation.json").read_text())["checkpoint"]["checkpoint"]
             for checkpoint in run.checkpoints:
-                work = checkpoint_gradients(run, checkpoint, scored_path)
+                gradients = gradients_at(run, checkpoint, scored_path)
                 records.append(
                     {
                         "dataset": dataset,
@@ -141,7 +140,7 @@ def main() -> None:
                         "epoch": checkpoint.epoch,
                         "val_loss": checkpoint.val_loss,
                         "is_best": str(checkpoint.path) == str(run.best.path),
-                        **score_checkpoint(work, manifest["is_noisy"]),
+                        **score_checkpoint(*gradients, manifest["is_noisy"]),
                     }
                 )
     frame = pd.DataFrame(records)

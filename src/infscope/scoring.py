@@ -429,7 +429,7 @@ def score_run(
     single = [m for m in methods if m not in MULTI_CHECKPOINT_METHODS]
 
     def score_at(ckpt: Any) -> dict[str, Any]:
-        train_grads, query_grads, losses = _checkpoint_gradients(
+        train_grads, query_grads, losses = checkpoint_gradients(
             run, ckpt, query_rows, query_name, grad_dtype, block_by
         )
         at_ckpt = score_methods(single, train_grads, query_grads, losses, seed=run.spec.seed)
@@ -460,7 +460,7 @@ def _remove_epoch_scores(run_dir: Path, methods: Sequence[str]) -> None:
                 path.unlink()
 
 
-def _checkpoint_gradients(
+def checkpoint_gradients(
     run: FinetunedRun, ckpt: Any, query_rows, query_name: str, grad_dtype: str, block_by: str
 ):
     """Train and query gradient stores and per-row losses at ``ckpt``, collected unless already complete."""
@@ -469,11 +469,9 @@ def _checkpoint_gradients(
 
     work = run.path / "scoring" / (Path(ckpt.path).name + ("" if block_by == "matrix" else f"-{block_by}"))
     train_store, query_store = work / "grads" / "train", work / "grads" / query_name
-    ready = _complete(train_store) and _complete(query_store) and (work / "losses.parquet").is_file()
-    if ready and not _store_matches(train_store, block_by, grad_dtype):
+    if any(_store_differs(s, block_by, grad_dtype) for s in (train_store, query_store)):
         shutil.rmtree(work)  # made with other blocks or another dtype (or before --block-by reached it)
-        ready = False
-    if not ready:
+    if not (_complete(train_store) and _complete(query_store) and (work / "losses.parquet").is_file()):
         info = collect_gradients(
             run.spec,
             ckpt.path,
@@ -489,12 +487,17 @@ def _checkpoint_gradients(
     return GradientStore.open(train_store), GradientStore.open(query_store), losses
 
 
-def _store_matches(path: Path, block_by: str, grad_dtype: str) -> bool:
-    """Whether the gradient store at ``path`` holds ``block_by`` blocks in ``grad_dtype``."""
-    from infscope.grads.store import GradientStore, dtype_name
+def _store_differs(path: Path, block_by: str, grad_dtype: str) -> bool:
+    """Whether a (possibly unfinished) gradient store exists at ``path`` with other blocks or dtype.
 
+    Checked before the model is loaded; the store's own check at creation would refuse it instead.
+    """
+    from infscope.grads.store import INDEX_FILE, GradientStore, dtype_name
+
+    if not (path / INDEX_FILE).is_file():
+        return False
     store = GradientStore.open(path)
-    return store.meta.get("block_by", "matrix") == block_by and store.dtype == dtype_name(grad_dtype)
+    return store.meta.get("block_by", "matrix") != block_by or store.dtype != dtype_name(grad_dtype)
 
 
 def _tracin_all_checkpoints(run: FinetunedRun, query_rows, query_name: str, grad_dtype: str, block_by: str):
@@ -507,7 +510,7 @@ def _tracin_all_checkpoints(run: FinetunedRun, query_rows, query_name: str, grad
     epoch_lrs = mean_epoch_lrs(run.checkpoints)
     with PeakMemory() as mem:
         for ckpt in run.checkpoints:
-            train_grads, query_grads, _ = _checkpoint_gradients(
+            train_grads, query_grads, _ = checkpoint_gradients(
                 run, ckpt, query_rows, query_name, grad_dtype, block_by
             )
             pairs.append((train_grads, epoch_lrs[ckpt.path]))
