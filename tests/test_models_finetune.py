@@ -6,6 +6,7 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -110,6 +111,35 @@ def test_seeded_runs_are_identical_and_resume_is_exact(run, tmp_path):
     assert [c.train_loss for c in resumed.checkpoints] == [c.train_loss for c in run["result"].checkpoints]
     done = finetune(load_model("tiny-llama"), ROWS, VAL, CONFIG, tmp_path / "two", progress=False)
     assert done.resumed_from == 3 and done.checkpoints == resumed.checkpoints
+    # the dynamics table of the resumed run equals the uninterrupted one (epoch 1 from its checkpoint)
+    whole = pd.read_parquet(run["out"] / "dynamics.parquet")
+    assert sorted(whole["epoch"].unique()) == [1, 2, 3] and len(whole) == 3 * len(ROWS)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "two" / "dynamics.parquet"), whole)
+
+
+def test_record_dynamics_option_keeps_old_runs_resumable(run):
+    """Runs recorded before ``record_dynamics`` existed match: the default is left out of the record,
+    and the option is not part of the checkpoint fingerprint (it does not change the weights)."""
+    assert "record_dynamics" not in CONFIG.to_dict()
+    state = json.loads((run["out"] / "checkpoints" / "epoch-3" / "trainer_state.json").read_text())
+    assert FinetuneConfig(**state["config"]).to_dict() == state["config"]
+    off = FinetuneConfig(**{**CONFIG.to_dict(), "record_dynamics": False})
+    assert off.to_dict()["record_dynamics"] is False
+    done = finetune(load_model("tiny-llama"), ROWS, VAL, off, run["out"], progress=False)
+    assert done.resumed_from == 3 and done.checkpoints == run["result"].checkpoints
+
+
+def test_progress_bar_per_epoch(tmp_path, monkeypatch, capsys):
+    cfg = FinetuneConfig(epochs=2, lr=5e-3, batch_size=4, lora=LoraSpec(r=2))
+    monkeypatch.delenv("INFSCOPE_PROGRESS", raising=False)
+    finetune(load_model("tiny-llama"), ROWS, None, cfg, tmp_path / "quiet", progress=True)
+    assert capsys.readouterr().err == ""  # not a terminal: silent
+    monkeypatch.setenv("INFSCOPE_PROGRESS", "1")
+    finetune(load_model("tiny-llama"), ROWS, None, cfg, tmp_path / "shown", progress=True)
+    err = capsys.readouterr().err
+    assert "finetune epoch 1/2" in err and "finetune epoch 2/2" in err and "8/8" in err
+    finetune(load_model("tiny-llama"), ROWS, None, cfg, tmp_path / "off", progress=False)
+    assert capsys.readouterr().err == ""
 
 
 def test_other_settings_refuse_existing_checkpoints(run):

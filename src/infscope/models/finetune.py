@@ -6,6 +6,11 @@ an updated ``checkpoints.json`` summary. A checkpoint is written to a temporary 
 renamed, so a crash never leaves a half-written one. Rerunning with the same data and config
 continues after the last finished epoch and gives the same result as an uninterrupted run: batch
 order and dropout are seeded per epoch, not carried in a random-number stream.
+
+Training dynamics (``record_dynamics``) come free with the training pass: from the logits of the
+forward that computes the batch loss, each row's loss, margin, correctness and EL2N error norm are
+kept (:func:`row_dynamics`), saved with the next checkpoint (``epoch-N/dynamics.parquet``) and
+gathered in ``<out>/dynamics.parquet``, which :mod:`infscope.estimators.dynamics` reads.
 """
 
 from __future__ import annotations
@@ -16,26 +21,34 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import numpy as np
+import pandas as pd
 import torch
 
 from infscope.errors import InfscopeError
-from infscope.models.encode import Encoded, batch_order, collate, encode_rows
+from infscope.models.encode import IGNORE_INDEX, Encoded, batch_order, collate, encode_rows
 from infscope.models.lora import LoraSpec, attach_lora, trainable_parameters
-from infscope.models.loss import check_finite, forward_losses, per_example_loss
+from infscope.models.loss import check_finite, forward_logits_losses, per_example_loss
 from infscope.models.prefix import frozen_prefix
 from infscope.models.registry import LoadedModel, resolve_device, resolve_dtype
-from infscope.runs import atomic_write_json, ensure_writable_dir
+from infscope.progress import progress as progress_bar
+from infscope.runs import atomic_path, atomic_write_json, ensure_writable_dir
 
 SCHEDULES = ("linear", "cosine", "constant")
 CHECKPOINTS_DIR = "checkpoints"
 SUMMARY_FILE = "checkpoints.json"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+DYNAMICS_FILE = "dynamics.parquet"
+DYNAMICS_COLUMNS = ("id", "epoch", "step", "loss", "margin", "correct", "el2n")
+#: Floats of softmax held at once while computing a causal batch's EL2N (64 MB in float32).
+_EL2N_CHUNK_FLOATS = 1 << 24
 
 
 @dataclass
@@ -45,7 +58,9 @@ class FinetuneConfig:
     ``lr`` defaults to 1e-3, which moves LoRA adapters of small models (tiny test models,
     SmolLM2-135M) within a few epochs; 2e-4 is closer to what larger models want. ``eval_every``
     is ``"epoch"`` or a number of optimiser steps between validation losses (logged in the
-    trainer state). ``device``/``dtype`` ``None`` keep the model's own.
+    trainer state). ``device``/``dtype`` ``None`` keep the model's own. ``record_dynamics`` keeps
+    each row's loss, margin, correctness and error norm from the training forward pass (no extra
+    pass; the trained weights are the same either way) in ``dynamics.parquet``.
     """
 
     epochs: int = 3
@@ -63,6 +78,11 @@ class FinetuneConfig:
     device: str | None = None
     dtype: str | None = None
     lora: LoraSpec = field(default_factory=LoraSpec)
+    record_dynamics: bool = True
+
+    #: Options added after runs were first recorded, with their defaults. :meth:`to_dict` leaves
+    #: them out while at the default, so a run recorded before an option existed still matches.
+    LATER_OPTIONS: ClassVar[dict[str, Any]] = {"record_dynamics": True}
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -97,8 +117,12 @@ class FinetuneConfig:
             resolve_dtype(self.dtype)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict."""
-        return asdict(self)
+        """Plain JSON-able dict (later options at their default left out, see ``LATER_OPTIONS``)."""
+        data = asdict(self)
+        for name, default in self.LATER_OPTIONS.items():
+            if data.get(name) == default:
+                data.pop(name)
+        return data
 
 
 @dataclass
@@ -154,9 +178,13 @@ def _encoded_digest(encoded: Encoded | None) -> str:
 
 
 def _fingerprint(loaded: LoadedModel, config: FinetuneConfig, train: Encoded, val: Encoded | None) -> str:
-    """What a checkpoint must match to be resumed: model, settings (but not device) and token data."""
+    """What a checkpoint must match to be resumed: model, settings and token data.
+
+    Neither the device nor ``record_dynamics`` changes the trained weights, so neither counts.
+    """
     settings = config.to_dict()
     settings.pop("device", None)
+    settings.pop("record_dynamics", None)
     record = {
         "model": loaded.name,
         "task": loaded.task,
@@ -213,13 +241,19 @@ def _info(state: dict[str, Any]) -> CheckpointInfo:
 
 
 def _save_checkpoint(
-    model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any], target: Path
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    target: Path,
+    dynamics: pd.DataFrame | None = None,
 ) -> None:
-    """Write adapter, optimiser state and trainer state into a temp dir, then rename it to ``target``."""
+    """Write adapter, optimiser state, trainer state (and dynamics rows) into a temp dir, then rename it."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         model.save_pretrained(str(tmp))
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        if dynamics is not None:
+            dynamics.to_parquet(tmp / DYNAMICS_FILE, index=False)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
         tmp.chmod(0o755)
         if target.exists():
@@ -239,6 +273,89 @@ def _restore(model: Any, optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
     weights = load_file(str(ckpt / "adapter_model.safetensors"), device=str(device))
     set_peft_model_state_dict(model, weights)
     optimizer.load_state_dict(torch.load(ckpt / OPTIMIZER_FILE, map_location=device, weights_only=True))
+
+
+@torch.no_grad()
+def row_dynamics(logits: torch.Tensor, labels: torch.Tensor, losses: torch.Tensor) -> dict[str, np.ndarray]:
+    """Each row's ``loss``, ``margin``, ``correct`` and ``el2n`` from one batch's logits (float64/bool arrays).
+
+    ``logits``, ``labels`` and ``losses`` are those of :func:`~infscope.models.loss.forward_logits_losses`,
+    so ``loss`` is exactly the row's term of the batch loss. Classifier: ``margin`` is the logit of
+    the assigned label minus the largest other logit, ``correct`` whether the argmax is the label,
+    ``el2n`` is ``||softmax - onehot||_2``. Causal LM: ``el2n`` is the mean over the row's target
+    tokens of ``||softmax_t - onehot_t||_2`` (the softmax taken in chunks of target positions, so
+    memory stays at ~64 MB whatever the vocabulary); ``margin`` is NaN and ``correct`` is None.
+    """
+    loss = losses.detach().double().cpu().numpy()
+    if labels.ndim == 1:
+        z = logits.detach().float()
+        gold = z.gather(1, labels[:, None]).squeeze(1)
+        other = z.scatter(1, labels[:, None], float("-inf")).amax(dim=1)
+        error = z.softmax(dim=1)
+        error[torch.arange(len(labels), device=z.device), labels] -= 1.0
+        return {
+            "loss": loss,
+            "margin": (gold - other).double().cpu().numpy(),
+            "correct": (z.argmax(dim=1) == labels).cpu().numpy(),
+            "el2n": error.norm(dim=1).double().cpu().numpy(),
+        }
+    shift, targets = logits.detach()[:, :-1], labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    positions = mask.nonzero()
+    sums = torch.zeros(len(labels), dtype=torch.float64, device=logits.device)
+    for part in positions.split(max(1, _EL2N_CHUNK_FLOATS // shift.shape[-1])):
+        rows, cols = part[:, 0], part[:, 1]
+        error = shift[rows, cols].float().softmax(dim=-1)
+        error[torch.arange(len(rows), device=error.device), targets[rows, cols]] -= 1.0
+        sums.index_add_(0, rows, error.norm(dim=-1).double())
+    el2n = sums / mask.sum(dim=1).clamp(min=1)
+    return {"loss": loss, "margin": np.full(len(loss), np.nan), "correct": None, "el2n": el2n.cpu().numpy()}
+
+
+def dynamics_frame(
+    ids: Sequence[str], epoch: int, parts: Sequence[tuple[np.ndarray, int, dict[str, Any]]]
+) -> pd.DataFrame:
+    """One epoch's dynamics table (columns :data:`DYNAMICS_COLUMNS`, rows in training-data order).
+
+    ``parts`` holds, per batch, the row positions, the optimiser steps taken before that batch
+    (so ``step`` names the weights the values were measured with) and :func:`row_dynamics`.
+    """
+    index = np.concatenate([rows for rows, _, _ in parts])
+    order = np.argsort(index, kind="stable")
+
+    def column(name: str) -> np.ndarray:
+        return np.concatenate([stats[name] for _, _, stats in parts])[order]
+
+    steps = np.concatenate([np.full(len(rows), step, dtype=np.int64) for rows, step, _ in parts])
+    correct = (
+        pd.array([pd.NA] * len(index), dtype="boolean")
+        if parts[0][2]["correct"] is None
+        else pd.array(column("correct"), dtype="boolean")
+    )
+    return pd.DataFrame(
+        {
+            "id": [ids[i] for i in index[order]],
+            "epoch": np.full(len(index), epoch, dtype=np.int64),
+            "step": steps[order],
+            "loss": column("loss"),
+            "margin": column("margin"),
+            "correct": correct,
+            "el2n": column("el2n"),
+        }
+    )
+
+
+def _recorded_dynamics(states: Sequence[dict[str, Any]]) -> list[pd.DataFrame]:
+    """Dynamics rows saved with the finished checkpoints a run resumes from (none if not recorded)."""
+    files = [Path(s["path"]) / DYNAMICS_FILE for s in states]
+    return [pd.read_parquet(f) for f in files if f.is_file()]
+
+
+def _write_dynamics(out: Path, frames: Sequence[pd.DataFrame]) -> None:
+    """Gather every recorded epoch into ``out/dynamics.parquet`` (atomically)."""
+    table = pd.concat(frames, ignore_index=True).sort_values(["epoch", "step"], kind="stable")
+    with atomic_path(out / DYNAMICS_FILE) as tmp:
+        table.reset_index(drop=True).to_parquet(tmp, index=False)
 
 
 def _mean_loss(model: Any, encoded: Encoded | None, batch_size: int) -> float | None:
@@ -300,18 +417,28 @@ class _Trainer:
         self.step = step
         self.scheduler = self._scheduler(last_step=step - 1)
 
-    def run_epoch(self, epoch: int, history: list[dict[str, Any]], on_step: Any) -> float:
-        """Train one epoch (batch order and dropout seeded by ``(seed, epoch)``); return its mean loss."""
+    def run_epoch(
+        self, epoch: int, history: list[dict[str, Any]], on_rows: Callable[[int], None] | None = None
+    ) -> tuple[float, pd.DataFrame | None]:
+        """Train one epoch (batch order and dropout seeded by ``(seed, epoch)``).
+
+        Returns the epoch's mean loss and, with ``record_dynamics``, its :func:`dynamics_frame`.
+        ``on_rows(n)`` is called after each batch of ``n`` rows.
+        """
         config, train = self.config, self.train
         epoch_seed = config.seed * 100_003 + epoch
         torch.manual_seed(epoch_seed)  # dropout stream, fixed per epoch so a resumed run matches
         self.model.train()
         loss_sum, seen = 0.0, 0
+        parts: list[tuple[np.ndarray, int, dict[str, Any]]] = []
         for rows in batch_order(len(train), config.batch_size, shuffle=True, seed=epoch_seed):
             batch = collate(train, rows)
-            losses = forward_losses(self.model, batch, self.device)
+            logits, labels, losses = forward_logits_losses(self.model, batch, self.device)
             if not torch.isfinite(losses).all():
                 check_finite(losses.detach().double().cpu().numpy(), [train.ids[i] for i in rows])
+            if config.record_dynamics:
+                parts.append((rows, self.step, row_dynamics(logits, labels, losses)))
+            del logits, labels  # free the logits before backward, as without recording
             loss = losses.mean()
             loss.backward()
             if config.max_grad_norm is not None:
@@ -322,7 +449,8 @@ class _Trainer:
             self.step += 1
             loss_sum += float(loss.detach()) * len(rows)
             seen += len(rows)
-            on_step(loss_sum / seen)
+            if on_rows is not None:
+                on_rows(len(rows))
             if (
                 isinstance(config.eval_every, int)
                 and self.val is not None
@@ -336,7 +464,8 @@ class _Trainer:
                     }
                 )
                 self.model.train()
-        return loss_sum / seen
+        dynamics = dynamics_frame(train.ids, epoch, parts) if parts else None
+        return loss_sum / seen, dynamics
 
 
 def finetune(
@@ -354,10 +483,11 @@ def finetune(
     LoRA (``config.lora``) is attached if ``loaded.model`` has none yet; on return
     ``loaded.model`` is the peft model with the last epoch's weights, in eval mode. Validation
     loss (mean per-example loss of ``val_rows``) picks the best checkpoint. Reusing ``out_dir``
-    with the same model, data and settings resumes after the last finished epoch.
+    with the same model, data and settings resumes after the last finished epoch. With
+    ``config.record_dynamics`` each epoch's per-row dynamics are saved with its checkpoint and
+    gathered in ``out_dir/dynamics.parquet``. ``progress`` shows a bar per epoch (on a terminal
+    only, see :mod:`infscope.progress`).
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     if not train_rows:
         raise InfscopeError("no training rows; check the dataset and the validation split")
     if config.device is not None:
@@ -387,22 +517,22 @@ def finetune(
         start_epoch, history = int(last["epoch"]), list(last.get("history", []))
         trainer.resume_at(int(last["step"]))
     infos = [_info(s) for s in states]
+    recorded = _recorded_dynamics(states)
+    if config.record_dynamics and recorded:  # the table matches the checkpoints resumed from
+        _write_dynamics(out, recorded)
+    elif config.record_dynamics:
+        (out / DYNAMICS_FILE).unlink(missing_ok=True)
+    pending: list[pd.DataFrame] = []  # dynamics of epochs not yet saved with a checkpoint
 
-    columns = (TextColumn("finetune epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn())
-    columns += (TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn())
     fork_devices = [device] if device.type == "cuda" else []
-    with (
-        Progress(*columns, disable=not progress, transient=True) as bar,
-        torch.random.fork_rng(devices=fork_devices),
-        frozen_prefix(model),
-    ):
-        task_id = bar.add_task(
-            "train", total=trainer.total, completed=trainer.step, epoch=start_epoch + 1, loss=0.0
-        )
+    with torch.random.fork_rng(devices=fork_devices), frozen_prefix(model):
         for epoch in range(start_epoch + 1, config.epochs + 1):
-            train_loss = trainer.run_epoch(
-                epoch, history, lambda loss, e=epoch: bar.update(task_id, advance=1, epoch=e, loss=loss)
-            )
+            title = f"finetune epoch {epoch}/{config.epochs}"
+            bars = progress_bar(title, total=len(train), unit="rows") if progress else nullcontext()
+            with bars as bar:
+                train_loss, dynamics = trainer.run_epoch(epoch, history, bar.advance if bar else None)
+            if dynamics is not None:
+                pending.append(dynamics)
             val_loss = _mean_loss(model, val, config.batch_size)
             history.append(
                 {"step": trainer.step, "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss}
@@ -423,11 +553,16 @@ def finetune(
                     "n_val": len(val) if val is not None else 0,
                     "history": history,
                 }
-                _save_checkpoint(model, trainer.optimizer, state, target)
+                saved = pd.concat(pending, ignore_index=True) if pending else None
+                _save_checkpoint(model, trainer.optimizer, state, target, saved)
                 infos.append(_info({**state, "path": str(target)}))
                 atomic_write_json(
                     out / SUMMARY_FILE, FinetuneResult(infos, _select_best(infos), start_epoch).to_dict()
                 )
+                if saved is not None:
+                    recorded.append(saved)
+                    pending = []
+                    _write_dynamics(out, recorded)
     model.eval()
     result = FinetuneResult(infos, _select_best(infos), resumed_from=start_epoch)
     atomic_write_json(out / SUMMARY_FILE, result.to_dict())

@@ -69,9 +69,21 @@ def forward_losses(
     (``logits_to_keep``), which saves time and memory on prompt-heavy rows; the losses equal
     :func:`token_loss` on the full logits.
     """
+    return forward_logits_losses(model, batch, device)[2]
+
+
+def forward_logits_losses(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logits, labels, losses)`` of one forward pass, for callers that also read the logits.
+
+    ``labels`` are cut to the positions ``logits`` cover (see :func:`forward_losses`), so
+    ``token_loss(logits, labels)`` is ``losses``.
+    """
     labels = batch["labels"].to(device)
     if labels.ndim == 1:
-        return token_loss(forward_logits(model, batch, device), labels)
+        logits = forward_logits(model, batch, device)
+        return logits, labels, token_loss(logits, labels)
     keep = positions_to_keep(labels)
     inputs = {
         "input_ids": batch["input_ids"].to(device),
@@ -81,7 +93,8 @@ def forward_losses(
         logits = model(**inputs, logits_to_keep=keep).logits
     except TypeError:  # models without ``logits_to_keep``
         logits = model(**inputs).logits
-    return token_loss(logits, labels[:, labels.shape[1] - logits.shape[1] :])
+    labels = labels[:, labels.shape[1] - logits.shape[1] :]
+    return logits, labels, token_loss(logits, labels)
 
 
 def check_finite(losses: np.ndarray, ids: list[str]) -> np.ndarray:
