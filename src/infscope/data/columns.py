@@ -1,9 +1,10 @@
 """Column mapping: which source column feeds which canonical field.
 
-Canonical fields are ``instruction, input, output`` (instruction task), ``text, text_b, label``
-(classification) and ``id``. Every field has a CLI flag (``--output-col`` ...) and error messages
-name that flag, so a user who sees "missing column" knows how to fix it. The CLI helper
-:func:`column_map_from_options` lives here so that every command (data, noise, ...) shares it.
+Canonical fields are ``instruction, input, output`` (instruction task), ``messages`` (chat rows,
+also the instruction task), ``text, text_b, label`` (classification) and ``id``. Every field has a
+CLI flag (``--output-col`` ...) and error messages name that flag, so a user who sees "missing
+column" knows how to fix it. The CLI helper :func:`column_map_from_options` lives here so that
+every command (data, noise, ...) shares it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ COLUMN_FLAGS: dict[str, str] = {
     "text_b": "--text-b-col",
     "label": "--label-col",
     "id": "--id-col",
+    "messages": "--messages-col",
 }
 
 
@@ -37,6 +39,7 @@ class ColumnMap:
     text_b: str | None = None
     label: str | None = None
     id: str | None = None
+    messages: str | None = None
 
     def mapping(self) -> dict[str, str]:
         """``{canonical: source}`` for the fields that are mapped to another column."""
@@ -60,6 +63,7 @@ def column_map_from_options(
     text_b_col: str | None = None,
     label_col: str | None = None,
     id_col: str | None = None,
+    messages_col: str | None = None,
 ) -> ColumnMap | None:
     """Build a :class:`ColumnMap` from CLI flags; ``None`` when no flag was given."""
     options = {
@@ -70,6 +74,7 @@ def column_map_from_options(
         "text_b": text_b_col,
         "label": label_col,
         "id": id_col,
+        "messages": messages_col,
     }
     if all(value is None for value in options.values()):
         return None

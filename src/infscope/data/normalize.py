@@ -1,7 +1,11 @@
 """Normalise raw records into infscope rows: canonical columns, task, stable ids, labels.
 
 * Task: ``instruction`` when ``instruction`` and ``output`` exist, ``classification`` when
-  ``text`` and ``label`` exist (or as given). Missing columns name the flag that maps them.
+  ``text`` and ``label`` exist (or as given).
+* Chat rows: a ``messages`` column (list of ``{"role", "content"}`` turns) makes every row a chat
+  row of the instruction task. The turns are checked and kept (as plain dicts of strings), and the
+  views ``instruction`` (last user turn) and ``output`` (last assistant turn) are added (see
+  :mod:`infscope.data.formatting`); chat rows have no ``input``. Missing columns name the flag that maps them.
 * Ids: the mapped/present ``id`` column as strings, else ``row-00000`` by position (zero padded
   to at least five digits). Empty or duplicate ids are errors.
 * Text fields become strings; a missing ``input`` (or ``text_b`` where the source has that
@@ -17,6 +21,7 @@ from collections import Counter
 from typing import Any
 
 from infscope.data.columns import COLUMN_FLAGS, ColumnMap, apply_column_map, available_columns
+from infscope.data.formatting import chat_views, check_messages
 from infscope.errors import InfscopeError
 
 TASKS = ("instruction", "classification")
@@ -53,7 +58,8 @@ def detect_task(columns: list[str], task: str | None, source: str) -> str:
             return name
     raise InfscopeError(
         f"cannot detect the task of {source} (columns: {found}): need instruction+output "
-        "(map with --instruction-col/--output-col) or text+label (map with --text-col/--label-col)"
+        "(map with --instruction-col/--output-col), messages (map with --messages-col) "
+        "or text+label (map with --text-col/--label-col)"
     )
 
 
@@ -127,6 +133,32 @@ def _text_field(record: dict[str, Any], name: str, row_id: str, source: str, opt
     return value if isinstance(value, str) else str(value)
 
 
+def chat_record(record: dict[str, Any], row_id: str, source: str) -> dict[str, Any]:
+    """A chat record with checked ``messages`` and its ``instruction``/``output`` views, or an error.
+
+    Columns ``instruction``/``output`` that the source already has must equal the views (a saved
+    infscope chat file has them); a non-empty ``input`` is an error, an empty one is dropped.
+    """
+    if record.get("messages") is None:
+        raise InfscopeError(f"row {row_id!r} of {source} has no messages; fill them in or drop the row")
+    turns = check_messages(record["messages"], row_id, source)
+    views = dict(zip(("instruction", "output"), chat_views(turns, row_id, source), strict=True))
+    for name, view in views.items():
+        if record.get(name) is not None and str(record[name]) != view:
+            turn = "last user turn" if name == "instruction" else "last assistant turn"
+            raise InfscopeError(
+                f"row {row_id!r} of {source} has an {name!r} column that differs from its {turn}; "
+                f"drop the {name!r} column or make them agree"
+            )
+    if str(record.get("input") or "") != "":
+        raise InfscopeError(
+            f"row {row_id!r} of {source} has both messages and a non-empty 'input'; "
+            "put the context in the user turn and drop the input column"
+        )
+    rest = {key: value for key, value in record.items() if key not in ("messages", "input", *views)}
+    return {**views, "messages": turns, **rest}
+
+
 def normalize_records(
     records: list[dict[str, Any]],
     *,
@@ -139,11 +171,23 @@ def normalize_records(
     if not records:
         raise InfscopeError(f"{source} has no rows; pass a non-empty dataset")
     records = apply_column_map(records, columns, source)
+    id_given = columns is not None and columns.id is not None
+    chat = "messages" in available_columns(records)
+    if chat:
+        if task == "classification":
+            raise InfscopeError(
+                f"{source} holds chat messages, which are instruction rows; use --task instruction"
+            )
+        ids = assign_ids(records, source, id_given)
+        records = [chat_record(record, row_id, source) for record, row_id in zip(records, ids, strict=True)]
     task = detect_task(available_columns(records), task, source)
-    ids = assign_ids(records, source, columns is not None and columns.id is not None)
+    if not chat:
+        ids = assign_ids(records, source, id_given)
     present = set(available_columns(records))
     text_fields = [
-        (name, optional) for name, optional in TEXT_FIELDS[task] if name != "text_b" or name in present
+        (name, optional)
+        for name, optional in TEXT_FIELDS[task]
+        if (name != "text_b" or name in present) and not (chat and name == "input")
     ]
     rows = []
     for record, row_id in zip(records, ids, strict=True):

@@ -2,25 +2,30 @@
 
 Instruction rows become ``prompt + response + EOS``; the loss targets (``labels``) are the
 response tokens and EOS, with ``-100`` on the prompt (unless ``response_only=False``) and on
-padding. Classification rows become the tokenised text (and optional ``text_b``) with an integer
-label. Everything downstream (fine-tuning, per-example loss, per-example gradients) reads the
+padding. Chat rows (``messages``) are rendered with the tokenizer's chat template (or, when it has
+none, the built-in one of :func:`infscope.data.formatting.render_chat`, with a warning once) and
+the targets are the tokens of every assistant reply, with its end-of-turn marker; system and user
+turns are masked. Classification rows become the tokenised text (and optional ``text_b``) with an
+integer label. Everything downstream (fine-tuning, per-example loss, per-example gradients) reads the
 same :class:`Encoded`, so the loss an example is scored with is the loss it was trained on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from infscope.data.formatting import format_prompt
+from infscope.data.formatting import chat_messages, format_prompt, is_chat_row, render_chat
 from infscope.errors import InfscopeError
 
 IGNORE_INDEX = -100
 _CAUSAL_TASKS = ("causal", "instruction")
+_FALLBACK_WARNED: set[str] = set()
 
 
 @dataclass
@@ -115,7 +120,15 @@ def _fit(
     return prompt, response[:n_response]
 
 
-def _encode_causal(
+def _check_targets(ids: Sequence[str], labels: Sequence[list[int]]) -> None:
+    no_target = [i for i, lab in zip(ids, labels, strict=True) if all(t == IGNORE_INDEX for t in lab[1:])]
+    if no_target:
+        raise InfscopeError(
+            f"rows {_name_rows(no_target)} have no target tokens after truncation; raise max_length"
+        )
+
+
+def _encode_alpaca(
     rows: Sequence[dict[str, Any]], tokenizer: Any, max_length: int, response_only: bool
 ) -> tuple[list[list[int]], list[list[int]], list[str]]:
     ids = [str(r["id"]) for r in rows]
@@ -138,12 +151,143 @@ def _encode_causal(
             truncated.append(row_id)
         input_ids.append(p + r)
         labels.append((p if not response_only else [IGNORE_INDEX] * len(p)) + r)
-    no_target = [i for i, lab in zip(ids, labels, strict=True) if all(t == IGNORE_INDEX for t in lab[1:])]
-    if no_target:
-        raise InfscopeError(
-            f"rows {_name_rows(no_target)} have no target tokens after truncation; raise max_length"
-        )
+    _check_targets(ids, labels)
     return input_ids, labels, truncated
+
+
+Renderer = Callable[[list[dict[str, str]], bool], str]
+
+
+def chat_renderer(tokenizer: Any) -> Renderer:
+    """``render(turns, add_generation_prompt) -> text`` for chat rows with this tokenizer.
+
+    The tokenizer's own chat template when it has one; otherwise the built-in template
+    (:func:`infscope.data.formatting.render_chat`, with the tokenizer's BOS text first and its EOS
+    text after each reply), announced by one warning per tokenizer.
+    """
+    if getattr(tokenizer, "chat_template", None):
+
+        def render(turns: list[dict[str, str]], generation: bool) -> str:
+            return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation)
+
+        return render
+    name = str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+    if name not in _FALLBACK_WARNED:
+        _FALLBACK_WARNED.add(name)
+        warnings.warn(
+            f"tokenizer {name!r} has no chat template; chat rows use infscope's built-in template "
+            "(### System/User/Assistant headers, EOS after each reply); set tokenizer.chat_template "
+            "to use another",
+            UserWarning,
+            stacklevel=3,
+        )
+    bos = getattr(tokenizer, "bos_token", None) or ""
+    eos = getattr(tokenizer, "eos_token", None) or ""
+
+    def render_builtin(turns: list[dict[str, str]], generation: bool) -> str:
+        return render_chat(turns, add_generation_prompt=generation, bos=bos, eos=eos)
+
+    return render_builtin
+
+
+def chat_segments(turns: list[dict[str, str]], render: Renderer, row_id: str) -> list[str]:
+    """The rendered conversation cut into ``[other, reply, other, reply, ..., other]`` text pieces.
+
+    A reply's piece runs from the end of the generation prompt before it (``turns[:k]`` rendered
+    with ``add_generation_prompt``) to the end of ``turns[:k+1]`` rendered, so it holds the reply
+    and its end-of-turn marker. Each prefix must render to a prefix of the whole conversation.
+    """
+    try:
+        full = render(turns, False)
+        cuts = []
+        for k, turn in enumerate(turns):
+            if turn["role"] == "assistant":
+                for prefix in (render(turns[:k], True), render(turns[: k + 1], False)):
+                    cuts.append(len(prefix) if full.startswith(prefix) else -1)
+    except Exception as exc:  # jinja2 template errors and the like, from the tokenizer's own template
+        raise InfscopeError(
+            f"the chat template rejects row {row_id!r} ({type(exc).__name__}: {exc}); "
+            "fix the row's turns or set another tokenizer.chat_template"
+        ) from None
+    if -1 in cuts or cuts != sorted(cuts):
+        raise InfscopeError(
+            f"the chat template renders the turns of row {row_id!r} differently in a longer conversation, "
+            "so the assistant tokens cannot be found; set a tokenizer.chat_template that renders each "
+            "prefix of a conversation as a prefix of it"
+        )
+    bounds = [0, *cuts, len(full)]
+    return [full[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def _encode_chat(
+    rows: Sequence[dict[str, Any]], tokenizer: Any, max_length: int, response_only: bool
+) -> tuple[list[list[int]], list[list[int]], list[str]]:
+    """Chat rows: template text tokenised piece by piece; targets are every assistant reply.
+
+    All pieces of all rows go through the tokenizer in one call (no special tokens added: the
+    template holds them). For truncation the last reply and what follows it is the response
+    and everything before it the prompt (see :func:`_fit`).
+    """
+    ids = [str(r["id"]) for r in rows]
+    turns = [chat_messages(r) for r in rows]
+    empty = [i for i, t in zip(ids, turns, strict=True) if not t[-1]["content"].strip()]
+    if empty:
+        raise InfscopeError(
+            f"rows {_name_rows(empty)} have an empty last assistant turn, so there is no response to "
+            "train on; drop or fill them"
+        )
+    render = chat_renderer(tokenizer)
+    pieces = [chat_segments(t, render, i) for t, i in zip(turns, ids, strict=True)]
+    flat = [piece for row_pieces in pieces for piece in row_pieces]
+    tokens = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    bos = getattr(tokenizer, "bos_token_id", None)
+    input_ids, labels, truncated = [], [], []
+    start = 0
+    for row_id, row_pieces in zip(ids, pieces, strict=True):
+        row_tokens = [list(t) for t in tokens[start : start + len(row_pieces)]]
+        start += len(row_pieces)
+        # pieces alternate other/reply; the last reply is row_tokens[-2], the tail row_tokens[-1]
+        masks = [
+            tok if (j % 2 == 1 or not response_only) else [IGNORE_INDEX] * len(tok)
+            for j, tok in enumerate(row_tokens)
+        ]
+        prompt = [t for tok in row_tokens[:-2] for t in tok]
+        prompt_labels = [t for m in masks[:-2] for t in m]
+        response = row_tokens[-2] + row_tokens[-1]
+        response_labels = masks[-2] + masks[-1]
+        keep_first = bos is not None and len(prompt) > 0 and prompt[0] == bos
+        p, r = _fit(prompt, response, max_length, keep_first)
+        pl, rl = _fit(prompt_labels, response_labels, max_length, keep_first)
+        if len(p) + len(r) < len(prompt) + len(response):
+            truncated.append(row_id)
+        input_ids.append(p + r)
+        labels.append(pl + rl)
+    _check_targets(ids, labels)
+    return input_ids, labels, truncated
+
+
+def _encode_causal(
+    rows: Sequence[dict[str, Any]], tokenizer: Any, max_length: int, response_only: bool
+) -> tuple[list[list[int]], list[list[int]], list[str]]:
+    """Alpaca rows and chat rows (``messages``), each encoded their way, returned in row order."""
+    chat = [i for i, r in enumerate(rows) if is_chat_row(r)]
+    if not chat:
+        return _encode_alpaca(rows, tokenizer, max_length, response_only)
+    if len(chat) == len(rows):
+        return _encode_chat(rows, tokenizer, max_length, response_only)
+    chat_set = set(chat)
+    alpaca = [i for i in range(len(rows)) if i not in chat_set]
+    input_ids: list[list[int]] = [[] for _ in rows]
+    labels: list[list[int]] = [[] for _ in rows]
+    truncated: set[str] = set()
+    for positions, encode in ((chat, _encode_chat), (alpaca, _encode_alpaca)):
+        part_ids, part_labels, part_truncated = encode(
+            [rows[i] for i in positions], tokenizer, max_length, response_only
+        )
+        for i, seq, lab in zip(positions, part_ids, part_labels, strict=True):
+            input_ids[i], labels[i] = seq, lab
+        truncated.update(part_truncated)
+    return input_ids, labels, [str(r["id"]) for r in rows if str(r["id"]) in truncated]
 
 
 def _label_index(rows: Sequence[dict[str, Any]], label_names: Sequence[Any] | None) -> list[int]:
@@ -197,7 +341,9 @@ def encode_rows(
 ) -> Encoded:
     """Tokenise rows for the loss: instruction rows as prompt+response+EOS, or text with a label.
 
-    ``task`` is ``"causal"`` (alias ``"instruction"``) or ``"classification"``. Rows that do not
+    ``task`` is ``"causal"`` (alias ``"instruction"``) or ``"classification"``. Chat rows
+    (``messages``) are rendered with the tokenizer's chat template and take the loss on every
+    assistant reply (see the module docstring); they may be mixed with Alpaca rows. Rows that do not
     fit in ``max_length`` are cut (prompt from the left, response from the right, at least a
     quarter of the length kept for the response) and their ids listed in ``Encoded.truncated``.
     String labels are mapped through ``label_names`` when given.

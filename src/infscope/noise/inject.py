@@ -5,6 +5,11 @@
 in exact proportions, and edits each chosen row in one intended field. If an operator cannot
 apply, the other operators of the same family are tried on the same field; a row where none
 applies is counted as a failure and left clean (never moved to another field).
+
+Chat rows (``messages``) are instruction rows whose ``output`` is the last assistant turn and
+whose ``instruction`` is the last user turn (see :mod:`infscope.data.formatting`): operators edit
+those views, the manifest records them, and the edited row's ``messages`` is updated to match.
+Chat rows have no ``input`` field.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from infscope.data.formatting import add_text_column
+from infscope.data.formatting import add_text_column, is_chat_row, sync_chat_row
 from infscope.errors import InfscopeError
 from infscope.noise.registry import (
     TASKS,
@@ -68,6 +73,13 @@ def label_noise_applies(rows: Sequence[Mapping[str, Any]], task: str) -> bool:
         return True
     with_number = sum(1 for row in rows if NUMERIC_RE_ASCII.search(str(row.get("output", ""))))
     return with_number * 2 >= len(rows)
+
+
+def _with_chat_views(rows: Sequence[Mapping[str, Any]]) -> Sequence[Mapping[str, Any]]:
+    """The rows, with chat rows replaced by copies whose views and ``messages`` agree (checked)."""
+    if not any(is_chat_row(row) for row in rows):
+        return rows
+    return [sync_chat_row(row) if is_chat_row(row) else row for row in rows]
 
 
 def _check_rows(rows: Sequence[Mapping[str, Any]], task: str) -> list[str]:
@@ -209,8 +221,10 @@ def inject_noise(
     ``strategy``. ``sampling`` is ``uniform``, ``length`` (instruction-length quartiles) or
     ``class`` (by ``label``/``class``). ``field_weights`` choose the edited field for operators
     that take any text field (default output 0.8 / instruction 0.2 for instruction data).
-    The input rows are never modified.
+    The input rows are never modified. Chat rows are edited through their views (last user and
+    last assistant turn) and come back with ``messages`` updated.
     """
+    rows = _with_chat_views(rows)
     ids = _check_rows(rows, task)
     k = target_count(ratio, len(rows))
     present, strategy_name, units, fields, strata, strata_info = _prepare(
@@ -259,6 +273,9 @@ def inject_noise(
                     "field": target,
                 }
             )
+    for i in chosen.tolist():
+        if manifest[i]["is_noisy"] and is_chat_row(out[i]):
+            out[i] = sync_chat_row(out[i])
     if task == "instruction" and "text" in rows[0]:
         for i in chosen.tolist():
             if manifest[i]["is_noisy"]:
@@ -287,6 +304,8 @@ def inject_noise(
 def _prepare(rows, task, strategy, weights, sampling, field_weights):
     """Validate the options against the rows: fields present, weights, field weights, strata."""
     present = {name for name in (*TEXT_FIELDS[task], "label") if name in rows[0]}
+    if is_chat_row(rows[0]):
+        present.discard("input")  # chat rows keep their context in the turns, not in an input field
     strategy_name, units = resolve_weights(
         strategy, weights, label_applicable=label_noise_applies(rows, task)
     )
@@ -308,6 +327,7 @@ def check_noise_args(
     field_weights: Mapping[str, float] | None = None,
 ) -> None:
     """Raise the :class:`InfscopeError` that :func:`inject_noise` would raise, without injecting."""
+    rows = _with_chat_views(rows)
     _check_rows(rows, task)
     target_count(ratio, len(rows))
     _prepare(rows, task, strategy, weights, sampling, field_weights)
