@@ -28,6 +28,7 @@ from infscope.grads.base import InMemoryGradients
 from infscope.grads.batching import as_row_source, batch_bounds, iter_ready_batches
 from infscope.grads.blocks import BLOCK_BY, BlockLayout
 from infscope.grads.losses import LossFn, default_loss
+from infscope.progress import progress as progress_bar
 
 
 def lora_linear_names(model: nn.Module) -> list[str]:
@@ -279,6 +280,24 @@ class ExampleGradients(InMemoryGradients):
         self.meta = dict(meta or {})
 
 
+class _SilentBar:
+    def advance(self, n: int = 1) -> None:
+        """Nothing to show."""
+
+
+_SILENT = _SilentBar()
+
+
+@contextlib.contextmanager
+def row_progress(label: str | None, total: int | None) -> Iterator[Any]:
+    """A rows/s progress bar named ``label`` (see :mod:`infscope.progress`), or a silent one for ``None``."""
+    if label is None:
+        yield _SILENT
+        return
+    with progress_bar(label, total=total, unit="rows") as bar:
+        yield bar
+
+
 def iter_gradients(
     model: nn.Module,
     data: Any,
@@ -332,6 +351,7 @@ def compute_gradients(
     projection: Any = None,
     progress: bool = True,
     nan_check: bool = True,
+    progress_label: str | None = None,
 ) -> ExampleGradients:
     """Per-example gradients of ``data`` as an :class:`ExampleGradients` (``.losses`` holds the losses).
 
@@ -342,17 +362,17 @@ def compute_gradients(
     (``block_by="matrix"``), adapted module (``"module"``) or layer (``"layer"``). ``projection``
     (a :class:`~infscope.grads.projection.BlockProjector`) projects blocks batch by batch; the
     result is cast to ``dtype``. Non-finite values raise an error naming the rows (``nan_check``).
+    ``progress_label`` (e.g. ``"gradients train"``) shows a bar with rows/s and time left on stderr
+    (:func:`infscope.progress.progress`: on a terminal, or wherever ``INFSCOPE_PROGRESS=1``);
+    ``None`` keeps it silent, as does ``progress=False``.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     source = as_row_source(data, ids)
     engine = PerExampleGradients(model, layers)
     layout = engine.layout(block_by)
     parts: dict[str, list[torch.Tensor]] = {}
     loss_parts: list[torch.Tensor] = []
-    columns = (TextColumn("gradients"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=True, disable=not progress) as bar:
-        task = bar.add_task("gradients", total=source.n if source is not None else None)
+    label = progress_label if progress else None
+    with row_progress(label, source.n if source is not None else None) as bar:
         for _, _, blocks, losses in iter_gradients(
             model,
             source if source is not None else data,
@@ -367,7 +387,7 @@ def compute_gradients(
             for name, tensor in blocks.items():
                 parts.setdefault(name, []).append(tensor.to(dtype))
             loss_parts.append(losses)
-            bar.advance(task, int(losses.shape[0]))
+            bar.advance(int(losses.shape[0]))
     if not loss_parts:
         raise InfscopeError("no examples to compute gradients for; pass at least one encoded row")
     n = sum(int(t.shape[0]) for t in loss_parts)

@@ -351,6 +351,7 @@ def collect_to_store(
     meta: Mapping[str, Any] | None = None,
     progress: bool = True,
     nan_check: bool = True,
+    progress_label: str | None = None,
 ) -> GradientStore:
     """Compute per-example gradients batch by batch and write them to a :class:`GradientStore`.
 
@@ -359,11 +360,12 @@ def collect_to_store(
     uninterrupted run. ``resume=False`` recomputes every shard. ``projection`` is a
     :class:`~infscope.grads.projection.BlockProjector` applied on the fly. ``meta`` is stored with
     the adapter fingerprint, layers, block grouping and projection settings.
+    ``progress_label`` (e.g. ``"gradients train"``) shows a bar over the rows still to compute, with
+    rows/s and time left, on stderr (:func:`infscope.progress.progress`: on a terminal, or wherever
+    ``INFSCOPE_PROGRESS=1``); ``None`` keeps it silent, as does ``progress=False``.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from infscope.grads.batching import as_row_source
-    from infscope.grads.hooks import PerExampleGradients, iter_gradients, model_fingerprint
+    from infscope.grads.hooks import PerExampleGradients, iter_gradients, model_fingerprint, row_progress
 
     source = as_row_source(data, ids)
     if source is not None:
@@ -406,9 +408,7 @@ def collect_to_store(
 
     pending: dict[int, tuple[dict[str, list[torch.Tensor]], list[torch.Tensor], int]] = {}
     todo = sum(store.shard_range(k)[1] - store.shard_range(k)[0] for k in missing)
-    columns = (TextColumn("gradients"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=True, disable=not progress) as bar:
-        task = bar.add_task("gradients", total=todo)
+    with row_progress(progress_label if progress else None, todo) as bar:
         for start, stop, blocks, losses in iter_gradients(
             model,
             source if source is not None else data,
@@ -439,7 +439,7 @@ def collect_to_store(
                     )
                     del pending[shard]
                     missing.discard(shard)
-                bar.advance(task, b - a)
+                bar.advance(b - a)
     if store.missing_shards():
         raise InfscopeError(
             f"the data gave fewer rows than the {len(row_ids)} ids; pass batches that cover every id"
