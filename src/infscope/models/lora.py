@@ -200,11 +200,113 @@ def _adapter_config(path: Path) -> dict[str, Any]:
         ) from None
 
 
+# peft prefixes every saved adapter key with this (``base_model.model.`` + the module path).
+_PEFT_PREFIX = "base_model.model."
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def _saved_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a saved adapter (safetensors first, as peft does), on the CPU."""
+    from safetensors.torch import load_file
+
+    for name in ADAPTER_WEIGHTS:
+        file = path / name
+        if file.is_file():
+            try:
+                if name.endswith(".safetensors"):
+                    return load_file(str(file), device="cpu")
+                return torch.load(file, map_location="cpu", weights_only=True)
+            except Exception as exc:  # safetensors and pickle raise assorted types; all mean a damaged file
+                raise InfscopeError(
+                    f"cannot read {file} ({type(exc).__name__}); save the adapter again"
+                ) from None
+    raise InfscopeError(
+        f"{path} has adapter_config.json but no {' or '.join(ADAPTER_WEIGHTS)}; save the adapter again"
+    )
+
+
+def _lora_keys(keys: Any) -> set[str]:
+    return {k for k in keys if ".lora_A." in k or ".lora_B." in k}
+
+
+def _module_path(key: str) -> str:
+    return key[len(_PEFT_PREFIX) :] if key.startswith(_PEFT_PREFIX) else key
+
+
+def _key_fix(saved: set[str], expected: set[str]) -> tuple[str, str] | None:
+    """A ``(drop, add)`` rewrite of the module path that maps every saved LoRA key onto the model's.
+
+    Adapters saved from the bare backbone (``layers.0...``) onto a ``*ForCausalLM`` (``model.layers.0...``),
+    or the other way round, or saved without peft's ``base_model.model.`` prefix, differ from the model's
+    keys by one leading module path; any other difference is a different model.
+    """
+    saved_paths = {_module_path(k) for k in saved}
+    expected_paths = {_module_path(k) for k in expected}
+    if not saved_paths or len(saved_paths) != len(expected_paths):
+        return None
+    probe = min(saved_paths)
+    candidates = set()
+    for target in expected_paths:
+        if target == probe:
+            candidates.add(("", ""))
+        elif target.endswith("." + probe):
+            candidates.add(("", target[: -len(probe)]))
+        elif probe.endswith("." + target):
+            candidates.add((probe[: -len(target)], ""))
+    for drop, add in sorted(candidates):
+        renamed = {add + p[len(drop) :] for p in saved_paths if p.startswith(drop)}
+        if len(renamed) == len(saved_paths) and renamed == expected_paths:
+            return drop, add
+    return None
+
+
+def _check_or_fix_keys(peft_model: nn.Module, path: Path) -> None:
+    """Make sure every LoRA weight of the adapter file landed in the model, fixing a shifted module path.
+
+    peft loads adapter weights non-strictly: weights whose names do not match the model are skipped
+    (a warning at most) and the adapter silently stays at its initialisation. This compares the file's
+    LoRA keys with the model's; a consistent prefix shift is repaired by loading the renamed weights,
+    anything else raises.
+    """
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    saved = _saved_weights(path)
+    saved_keys = _lora_keys(saved)
+    expected = _lora_keys(get_peft_model_state_dict(peft_model, save_embedding_layers=False))
+    if saved_keys == expected:
+        return
+    fix = _key_fix(saved_keys, expected)
+    if fix is None:
+        missing, extra = sorted(expected - saved_keys), sorted(saved_keys - expected)
+        example = _module_path((extra or missing)[0]) if (extra or missing) else ""
+        raise InfscopeError(
+            f"adapter {path} does not match the base model ({len(missing)} LoRA weights missing, "
+            f"{len(extra)} unexpected, e.g. {example}); load it onto the model it was trained from"
+        )
+    drop, add = fix
+    renamed = {}
+    for key, value in saved.items():
+        module = _module_path(key)
+        if module.startswith(drop):
+            module = add + module[len(drop) :]
+        renamed[_PEFT_PREFIX + module] = value
+    result = set_peft_model_state_dict(peft_model, renamed)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise InfscopeError(
+            f"adapter {path} has weights the base model lacks (e.g. {unexpected[0]}); "
+            "load it onto the model it was trained from"
+        )
+
+
 def load_adapter(loaded_or_model: Any, path: str | Path, *, trainable: bool = False) -> nn.Module:
     """Load a saved LoRA adapter onto a base model and return the peft model (eval mode).
 
-    An adapter made for another base model (missing target modules or other shapes) raises a
-    one-line :class:`InfscopeError`.
+    Reads adapters saved by infscope, by ``PeftModel.save_pretrained`` and by ``transformers.Trainer``
+    / TRL (``checkpoint-N`` folders). Every LoRA weight in the file must land in the model: an adapter
+    made for another base model (missing target modules, other shapes, other layers) raises a
+    one-line :class:`InfscopeError`; one whose keys differ only by a leading module path (saved from
+    the bare backbone, or without peft's prefix) is renamed to fit.
     """
     from peft import PeftModel
 
@@ -216,7 +318,10 @@ def load_adapter(loaded_or_model: Any, path: str | Path, *, trainable: bool = Fa
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # peft calls a deprecated transformers helper
+            # missing keys are checked (and fixed or refused) below, so peft's own warning is noise
+            warnings.filterwarnings("ignore", message="Found missing adapter keys")
             peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
+        _check_or_fix_keys(peft_model, path)
     except (ValueError, RuntimeError, KeyError, OSError) as exc:
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
         first = " ".join(lines[:2])[:240] if lines else type(exc).__name__
