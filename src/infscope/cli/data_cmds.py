@@ -43,13 +43,19 @@ def test_path_for(out: Path) -> Path:
 @data_app.command("make")
 def make_command(
     name: str = typer.Argument(
-        ..., help="Built-in dataset: sentence_transform, math_no_reason, math_reason, sentence_transform_cls."
+        ...,
+        help="Built-in dataset: sentence_transform, math_no_reason, math_reason, sentence_transform_cls, "
+        "instruction_mix; real text from apt's package lists: debian_sections, debian_describe.",
     ),
     out: Path = typer.Option(
         ..., "--out", "-o", help="Train file (.jsonl/.json/.csv/.parquet); test goes to <stem>.test<suffix>."
     ),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives byte-identical files."),
-    classes: int = typer.Option(10, "--classes", help="Number of classes (1-10; instruction_mix 1-15)."),
+    classes: int = typer.Option(
+        10,
+        "--classes",
+        help="Number of classes (1-10; instruction_mix 1-15; debian_* the most frequent sections).",
+    ),
     per_class: int = typer.Option(100, "--per-class", help="Rows per class, train + test."),
     test_per_class: int = typer.Option(
         10, "--test-per-class", help="Rows per class held out for the test split."

@@ -12,6 +12,18 @@
   solution of template k, bare answer of template 5 + k), so rows differ widely in difficulty, as
   in real instruction data; 15 classes.
 
+Real built-ins read text that ships with Debian machines (apt's package lists, see
+:mod:`infscope.data.debian`); class k is the k-th most frequent archive section:
+
+* ``debian_sections``: classification; ``text = "NAME: synopsis. first paragraph"``, ``label`` =
+  section index, ``label_names`` = section names.
+* ``debian_describe``: instruction; "Describe what the Debian package NAME is for." -> the
+  synopsis and first description paragraph.
+
+Their rows of a class are ``per_class`` distinct packages of the section, sampled with the seeded
+generator of that class (the same seed gives the same rows wherever the source has the same
+fingerprint), and the split also records the source and its fingerprint.
+
 Every row has an int ``class`` and an id like ``st-c3-0042`` (class 3, item 42 of that class);
 the last ``n_test_per_class`` items of each class form the test split. All randomness comes from
 ``random.Random`` seeded with a string built from (seed, dataset, class), so output is
@@ -26,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from infscope.data import debian
 from infscope.data.math_templates import TEMPLATES
 from infscope.data.sentences import INSTRUCTION_TEMPLATES, METHOD_NAMES, TRANSFORMS, random_sentence
 from infscope.errors import InfscopeError
@@ -43,14 +56,26 @@ class BuiltinGenerator:
     make_row: RowMaker
 
 
+@dataclass(frozen=True)
+class RealBuiltin:
+    """A built-in dataset made from real text: id prefix, task and how a package becomes a row."""
+
+    prefix: str
+    task: str
+    make_row: Callable[[debian.DebianPackage, int, random.Random, bool], dict[str, Any]]
+
+
 @dataclass
 class BuiltinSplit:
-    """Train and test rows of a built-in dataset, its task and the class (label) names."""
+    """Train and test rows of a built-in dataset, its task, the class (label) names, and for real
+    data where it came from and the source's fingerprint."""
 
     train: list[dict[str, Any]]
     test: list[dict[str, Any]]
     task: str
     label_names: list[str] = field(default_factory=list)
+    source: str = "generated"
+    source_fingerprint: str | None = None
 
 
 def _transform_row(cls: int, rng: random.Random, paraphrase: bool) -> dict[str, Any]:
@@ -117,21 +142,40 @@ BUILTIN_DATASETS: dict[str, BuiltinGenerator] = {
 }
 
 
-def _check_args(name: str, n_classes: int, per_class: int, n_test_per_class: int) -> BuiltinGenerator:
-    if name not in BUILTIN_DATASETS:
-        raise InfscopeError(f"unknown built-in dataset {name!r}; choose one of {', '.join(BUILTIN_DATASETS)}")
-    generator = BUILTIN_DATASETS[name]
-    limit = len(generator.class_names)
-    if not 1 <= n_classes <= limit:
-        raise InfscopeError(
-            f"{name} has 1 to {limit} classes, got --classes {n_classes}; pass a value in that range"
-        )
+#: Built-ins made from real text (see :mod:`infscope.data.debian`); classes are archive sections.
+REAL_DATASETS: dict[str, RealBuiltin] = {
+    "debian_sections": RealBuiltin("debs", "classification", debian.section_row),
+    "debian_describe": RealBuiltin("debd", "instruction", debian.describe_row),
+}
+
+
+def builtin_names() -> list[str]:
+    """Every built-in dataset name: the generated ones, then the real ones."""
+    return [*BUILTIN_DATASETS, *REAL_DATASETS]
+
+
+def _check_counts(per_class: int, n_test_per_class: int) -> None:
     if per_class < 1:
         raise InfscopeError(f"--per-class must be at least 1, got {per_class}")
     if not 0 <= n_test_per_class < per_class:
         raise InfscopeError(
             f"--test-per-class must be between 0 and --per-class - 1 ({per_class - 1}), got {n_test_per_class}"
         )
+
+
+def _check_classes(name: str, n_classes: int, limit: int) -> None:
+    if not 1 <= n_classes <= limit:
+        raise InfscopeError(
+            f"{name} has 1 to {limit} classes, got --classes {n_classes}; pass a value in that range"
+        )
+
+
+def _check_args(name: str, n_classes: int, per_class: int, n_test_per_class: int) -> BuiltinGenerator:
+    if name not in BUILTIN_DATASETS:
+        raise InfscopeError(f"unknown built-in dataset {name!r}; choose one of {', '.join(builtin_names())}")
+    generator = BUILTIN_DATASETS[name]
+    _check_classes(name, n_classes, len(generator.class_names))
+    _check_counts(per_class, n_test_per_class)
     return generator
 
 
@@ -158,6 +202,60 @@ def _class_rows(
     return rows
 
 
+def _real_class_rows(
+    name: str, spec: RealBuiltin, packages: list[debian.DebianPackage], seed: int, cls: int, per_class: int,
+    paraphrase: bool,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """``per_class`` distinct packages of one section, sampled with the class's seeded generator."""
+    rng = random.Random(f"infscope:{name}:{seed}:{cls}")
+    chosen = rng.sample(packages, per_class)
+    return [
+        {"id": f"{spec.prefix}-c{cls}-{i:04d}", **spec.make_row(package, cls, rng, paraphrase), "class": cls}
+        for i, package in enumerate(chosen)
+    ]
+
+
+def _split(
+    name: str, seed: int, classes: list[list[dict[str, Any]]], n_test_per_class: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The last ``n_test_per_class`` rows of each class go to test; both splits shuffled, seeded."""
+    train: list[dict[str, Any]] = []
+    test: list[dict[str, Any]] = []
+    for rows in classes:
+        cut = len(rows) - n_test_per_class
+        train.extend(rows[:cut])
+        test.extend(rows[cut:])
+    shuffler = random.Random(f"infscope:{name}:{seed}:shuffle")
+    shuffler.shuffle(train)
+    shuffler.shuffle(test)
+    return train, test
+
+
+def _make_real(
+    name: str, seed: int, n_classes: int, per_class: int, n_test_per_class: int, paraphrase: bool
+) -> BuiltinSplit:
+    """A real built-in: the ``n_classes`` most frequent sections, ``per_class`` packages of each."""
+    spec = REAL_DATASETS[name]
+    _check_counts(per_class, n_test_per_class)
+    index = debian.load_index()
+    ranked = index.section_counts()
+    _check_classes(name, n_classes, len(ranked))
+    sections = [section for section, _ in ranked[:n_classes]]
+    groups = index.by_section()
+    smallest, count = ranked[n_classes - 1]
+    if count < per_class:
+        raise InfscopeError(
+            f"{name} section {smallest!r} has only {count} packages, fewer than --per-class {per_class}; "
+            "pass a smaller --per-class or fewer --classes"
+        )
+    classes = [
+        _real_class_rows(name, spec, groups[section], seed, cls, per_class, paraphrase)
+        for cls, section in enumerate(sections)
+    ]
+    train, test = _split(name, seed, classes, n_test_per_class)
+    return BuiltinSplit(train, test, spec.task, sections, index.source, index.fingerprint)
+
+
 def make_builtin(
     name: str,
     *,
@@ -167,17 +265,12 @@ def make_builtin(
     n_test_per_class: int = 10,
     paraphrase: bool = False,
 ) -> BuiltinSplit:
-    """Generate built-in dataset ``name``: ``per_class`` rows per class, the last ``n_test_per_class``
-    of each class in ``test``; both splits shuffled with a seeded generator."""
+    """Make built-in dataset ``name``: ``per_class`` rows per class, the last ``n_test_per_class``
+    of each class in ``test``; both splits shuffled with a seeded generator. Real built-ins read
+    apt's package lists (or ``$INFSCOPE_DEBIAN_PACKAGES``) and raise a one-line error without them."""
+    if name in REAL_DATASETS:
+        return _make_real(name, seed, n_classes, per_class, n_test_per_class, paraphrase)
     generator = _check_args(name, n_classes, per_class, n_test_per_class)
-    train: list[dict[str, Any]] = []
-    test: list[dict[str, Any]] = []
-    cut = per_class - n_test_per_class
-    for cls in range(n_classes):
-        rows = _class_rows(name, generator, seed, cls, per_class, paraphrase)
-        train.extend(rows[:cut])
-        test.extend(rows[cut:])
-    shuffler = random.Random(f"infscope:{name}:{seed}:shuffle")
-    shuffler.shuffle(train)
-    shuffler.shuffle(test)
+    classes = [_class_rows(name, generator, seed, cls, per_class, paraphrase) for cls in range(n_classes)]
+    train, test = _split(name, seed, classes, n_test_per_class)
     return BuiltinSplit(train, test, generator.task, list(generator.class_names[:n_classes]))
