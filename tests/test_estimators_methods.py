@@ -178,7 +178,7 @@ def test_tracin_multi_checkpoint_equals_weighted_loop() -> None:
     lrs = [1e-3, 5e-4, 1e-4]
     trains = [_grads(9, 20 + c, "t") for c in range(3)]
     queries = [_grads(4, 30 + c, "q") for c in range(3)]
-    est = get_estimator("tracin").fit(list(zip(trains, lrs, strict=True)))
+    est = HessianFree().fit(list(zip(trains, lrs, strict=True)))
     matrix = est.score(queries, aggregate=False).values
     expected = np.zeros((4, 9))
     self_expected = np.zeros(9)
@@ -211,7 +211,8 @@ def test_hessian_free_checks_checkpoint_inputs() -> None:
         HessianFree().fit([(_grads(5, 0, "t"), 1.0), (_grads(5, 1, "u"), 0.5)])
 
 
-@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+# The cosine forms normalise, so their aggregate is not a mean of the matrix (tests/test_estimators_cosine.py).
+@pytest.mark.parametrize("name", sorted(set(ESTIMATORS) - {"grad_cos", "datainf_cos"}))
 def test_every_estimator_aggregate_is_mean_of_matrix_and_sign_is_consistent(name: str) -> None:
     train, query = _grads(16, 50, "t"), _grads(5, 51, "q")
     kwargs = {"dtype": "float64"}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from infscope.cli import main
-from infscope.cli.finetune_cmds import split_validation
+from infscope.data.splits import split_validation
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -77,8 +77,8 @@ def test_finetune_classification_builtin(tmp_path, capsys):
         (["--epochs", "0"], "epochs"),
         (["--dtype", "float8"], "dtype"),
         (["--model", "tiny-llama", "--target-modules", "nope"], "target"),
-        (["--lora-layers", "top:x"], "--lora-layers"),
-        (["--lora-layers", "5"], "--lora-layers"),
+        (["--model", "tiny-llama", "--lora-layers", "top:x"], "--lora-layers"),
+        (["--model", "tiny-llama", "--lora-layers", "5"], "--lora-layers"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(data_file, tmp_path, capsys, extra, message):

@@ -15,6 +15,7 @@ from sklearn.metrics import roc_auc_score
 from infscope.cli import main
 from infscope.errors import InfscopeError
 from infscope.pipeline import PipelineConfig, run_pipeline
+from infscope.runs import RunLayout
 from infscope.scoring import score_run
 
 SMALL = dict(
@@ -37,7 +38,8 @@ def finished(tmp_path_factory):
 
 def test_every_stage_recorded_and_artifacts_written(finished):
     out, result = finished
-    assert list(result.stages) == ["data", "noise", "finetune", "gradients", "score"]
+    best = Path(result.evaluation["checkpoint"]["checkpoint"]).name
+    assert list(result.stages) == ["data", "noise", "finetune", f"gradients:{best}", "score"]
     for stage in result.stages.values():
         assert stage["seconds"] >= 0 and stage["peak_rss_mb"] > 0
     manifest = pd.read_json(out / "data" / "manifest.jsonl", lines=True)
@@ -74,7 +76,10 @@ def test_loss_baseline_equals_a_plain_per_row_loop(finished):
             target = torch.tensor(labels[1:])
             keep = target != -100
             expected.append(torch.nn.functional.cross_entropy(logits[keep], target[keep]).item())
-    saved = pd.read_parquet(out / "losses.parquet").set_index("id").loc[enc.ids, "loss"].to_numpy()
+    from infscope.runs import RunLayout
+
+    losses = RunLayout(out).losses(result.evaluation["checkpoint"]["checkpoint"])
+    saved = pd.read_parquet(losses).set_index("id").loc[enc.ids, "loss"].to_numpy()
     np.testing.assert_allclose(saved, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -90,7 +95,7 @@ def test_rerun_resumes_without_recomputing(finished, monkeypatch):
 
 def test_other_arguments_are_refused(finished):
     out, _ = finished
-    with pytest.raises(InfscopeError, match="seed differ"):
+    with pytest.raises(InfscopeError, match="seed was 0, now 1"):
         run_pipeline(PipelineConfig(**{**SMALL, "seed": 1}), out)
 
 
@@ -116,9 +121,9 @@ def run_copy(finished, tmp_path):
 
 
 def test_score_every_checkpoint_side_by_side(run_copy, capsys):
-    from infscope.scoring import open_finetuned_run
+    from infscope.scoring import open_run
 
-    run = open_finetuned_run(run_copy)
+    run = open_run(run_copy)
     assert len(run.checkpoints) == 2
     scored = score_run(run_copy, ["hessian_free", "loss"], checkpoint="all")
     tags = [f"@{Path(c.path).name}" for c in run.checkpoints]
@@ -149,7 +154,7 @@ def test_score_tracin_command(run_copy, capsys):
     out = capsys.readouterr().out
     assert "gradients:" in out and "tracin" in out
     tracin = Scores.load(run_copy / "scores" / "tracin.npz")
-    assert tracin.meta["checkpoint"] == "all" and len(tracin.meta["checkpoints"]) == 2
+    assert len(tracin.meta["checkpoints"]) == 2
 
 
 def test_score_block_by_layer_groups_the_gradients(run_copy):
@@ -163,7 +168,7 @@ def test_score_block_by_layer_groups_the_gradients(run_copy):
     )
     assert store.meta["block_by"] == "layer"
     assert len(store.block_names) == 2  # tiny-llama: one block per decoder layer
-    matrix = GradientStore.open(hf_matrix["datainf"].meta["train_store"])
+    matrix = GradientStore.open(RunLayout(out).grads(hf_matrix["datainf"].meta["checkpoint"], "train"))
     assert sum(store.block_dim(b) for b in store.block_names) == sum(
         matrix.block_dim(b) for b in matrix.block_names
     )
@@ -178,12 +183,12 @@ def test_gradients_made_with_other_blocks_are_collected_again(run_copy):
     from infscope.grads.store import GradientStore
 
     matrix = score_run(run_copy, ["datainf"])
-    work = Path(matrix["datainf"].meta["train_store"]).parent.parent
+    work = RunLayout(run_copy).scoring(matrix["datainf"].meta["checkpoint"])
     layer_dir = work.with_name(work.name + "-layer")
     shutil.copytree(work, layer_dir)  # what `--block-by layer` left before it reached the gradient pass
     assert GradientStore.open(layer_dir / "grads" / "train").meta["block_by"] == "matrix"
     layer = score_run(run_copy, ["datainf"], block_by="layer")
-    store = GradientStore.open(Path(layer["datainf"].meta["train_store"]))
+    store = GradientStore.open(RunLayout(run_copy).grads(layer["datainf"].meta["checkpoint"], "train", "layer"))
     assert store.meta["block_by"] == "layer" and len(store.block_names) == 2
 
 
@@ -251,7 +256,7 @@ def test_busy_cores_sees_a_process_spinning_now():
     import sys
     from pathlib import Path
 
-    from infscope.cli.pipeline_cmds import busy_cores
+    from infscope.runtime import busy_cores
 
     if not Path("/proc/stat").is_file():
         pytest.skip("no /proc/stat here")

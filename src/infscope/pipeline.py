@@ -5,24 +5,11 @@ peak memory in ``run.json``. A stage that already finished is skipped, so rerunn
 command after an interruption resumes where it stopped. ``infscope demo``, ``infscope score`` and
 ``infscope evaluate`` are thin layers over the functions here.
 
-Layout of a run directory::
-
-    run.json                      arguments, versions, per-stage seconds / peak memory / info
-    data/train.clean.jsonl        training rows before noise (never modified afterwards)
-    data/train.jsonl              training rows the model is tuned on (noisy)
-    data/manifest.jsonl           ground truth: which rows were corrupted and how
-    data/val.jsonl                clean validation rows (the query set)
-    finetune/                     adapter checkpoints (see ``infscope.models.finetune``)
-    grads/train, grads/val        gradient stores at the scored checkpoint
-    losses.parquet                per-row training loss after tuning and under the base model
-    scores/<method>.npz           Scores per method
-    results/<method>.parquet      ranked table per method (id, score, rank, is_flagged)
-    evaluation.json               detection metrics per method, overall and per noise family
+Paths come from :class:`~infscope.runs.RunLayout`; the run record from :class:`~infscope.runs.RunRecord`.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,8 +18,11 @@ from typing import Any
 import pandas as pd
 
 from infscope.errors import InfscopeError
-from infscope.runs import RunDir, atomic_write_json
-from infscope.scoring import ALL_METHODS, GRADIENT_METHODS, parse_methods, row_task
+from infscope.runs import DataSource, ModelSpec, RunDir, RunRecord, atomic_write_json, read_jsonl
+from infscope.scoring.methods import parse_methods
+
+#: What ``infscope demo`` scores by default: the influence methods and the baselines at one checkpoint.
+DEMO_METHODS = ("datainf", "lissa", "exact", "hessian_free", "loss", "base_loss", "grad_norm", "random")
 
 CHECKPOINT_CHOICES = ("best", "last")
 #: The demo's noise: label-preserving grammar and quality noise, semantic noise, and enough
@@ -67,7 +57,7 @@ class PipelineConfig:
     lr: float = 2e-3
     batch_size: int = 8
     max_length: int = 128
-    methods: tuple[str, ...] = ALL_METHODS
+    methods: tuple[str, ...] = DEMO_METHODS
     checkpoint: str = "best"
     attribution: bool = False
     seed: int = 0
@@ -76,9 +66,7 @@ class PipelineConfig:
     grad_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        # one scored checkpoint: TracIn is the hessian-free score (multi-checkpoint TracIn: `infscope score`)
-        methods = ["hessian_free" if m == "tracin" else m for m in parse_methods(list(self.methods))]
-        self.methods = tuple(dict.fromkeys(methods))
+        self.methods = tuple(parse_methods(list(self.methods)))
         if not 0 <= self.noise_ratio <= 1:
             raise InfscopeError(f"noise ratio {self.noise_ratio} is outside [0, 1]; pass e.g. --ratio 0.2")
         if self.checkpoint not in CHECKPOINT_CHOICES:
@@ -108,11 +96,6 @@ class PipelineResult:
     stages: dict[str, dict[str, Any]]
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
 # ---------------------------------------------------------------- stages
 
 
@@ -120,7 +103,7 @@ def stage_data(run: RunDir, cfg: PipelineConfig) -> tuple[list[dict], list[dict]
     """Generate the built-in dataset (train + clean validation split) into ``data/``."""
     from infscope.data.writing import write_rows
 
-    train_path, val_path = run.file("data", "train.clean.jsonl"), run.file("data", "val.jsonl")
+    train_path, val_path = run.layout.train_clean, run.layout.val
     if not run.done("data"):
         from infscope.data.builtin import make_builtin
 
@@ -142,7 +125,7 @@ def stage_data(run: RunDir, cfg: PipelineConfig) -> tuple[list[dict], list[dict]
                 label_names=list(split.label_names) if split.label_names else None,
             )
     info = run.stage_info("data")
-    return _read_jsonl(train_path), _read_jsonl(val_path), info.get("label_names")
+    return read_jsonl(train_path), read_jsonl(val_path), info.get("label_names")
 
 
 def stage_noise(
@@ -152,7 +135,7 @@ def stage_noise(
     from infscope.data.manifest import read_manifest, write_manifest
     from infscope.data.writing import write_rows
 
-    noisy_path, manifest_path = run.file("data", "train.jsonl"), run.file("data", "manifest.jsonl")
+    noisy_path, manifest_path = run.layout.train, run.layout.manifest
     if not run.done("noise"):
         with run.stage("noise") as rec:
             if cfg.noise_ratio > 0:
@@ -160,7 +143,7 @@ def stage_noise(
 
                 result = inject_noise(
                     train,
-                    task=row_task(train),
+                    task=run.record.model.task,
                     ratio=cfg.noise_ratio,
                     strategy=cfg.noise_strategy,
                     weights=cfg.noise_weights,
@@ -174,7 +157,7 @@ def stage_noise(
             write_rows(rows, noisy_path)
             write_manifest(manifest, manifest_path)
             rec.info.update(noisy_rows=int(sum(bool(m["is_noisy"]) for m in manifest)))
-    return _read_jsonl(noisy_path), read_manifest(manifest_path)
+    return read_jsonl(noisy_path), read_manifest(manifest_path)
 
 
 def _clean_record(row_id: str, seed: int) -> dict[str, Any]:
@@ -185,14 +168,12 @@ def _clean_record(row_id: str, seed: int) -> dict[str, Any]:
     return record
 
 
-def model_spec(cfg: PipelineConfig, train: list[dict], label_names):
-    """The model a run of ``cfg`` fine-tunes and scores (task from the rows, classes from ``label_names``)."""
-    from infscope.scoring import ModelSpec
-
+def model_spec(cfg: PipelineConfig, task: str = "instruction", label_names=None) -> ModelSpec:
+    """The model a run of ``cfg`` fine-tunes and scores (``task`` and classes come from the generated data)."""
     return ModelSpec(
         name=cfg.model,
-        task=row_task(train),
-        label_names=label_names,
+        task=task,
+        label_names=list(label_names) if label_names and task == "classification" else None,
         max_length=cfg.max_length,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
@@ -224,16 +205,40 @@ def finetune_config(cfg: PipelineConfig):
     )
 
 
-def stage_finetune(run: RunDir, cfg: PipelineConfig, train, val, label_names) -> dict[str, Any]:
+def pipeline_record(cfg: PipelineConfig, kind: str = "demo") -> RunRecord:
+    """The run record of a pipeline run (task and label names are filled in once the data exists)."""
+    return RunRecord(
+        kind=kind,
+        model=model_spec(cfg),
+        data=DataSource(
+            builtin={
+                "name": cfg.dataset,
+                "classes": cfg.classes,
+                "train_per_class": cfg.train_per_class,
+                "val_per_class": cfg.val_per_class,
+                "paraphrase": cfg.paraphrase,
+            },
+            split_seed=cfg.seed,
+        ),
+        finetune=finetune_config(cfg).to_dict(),
+        manifest="data/manifest.jsonl",
+        args=cfg.as_args(),
+    )
+
+
+def stage_finetune(run: RunDir, cfg: PipelineConfig, train, val) -> dict[str, Any]:
     """LoRA fine-tuning with a checkpoint per epoch; records which checkpoint will be scored."""
     from infscope.models.finetune import finetune
+    from infscope.models.registry import load_spec
 
     if not run.done("finetune"):
         with run.stage("finetune") as rec:
-            loaded = model_spec(cfg, train, label_names).load_base()
-            ft_config = finetune_config(cfg)
-            labels = label_names if row_task(train) == "classification" else None
-            result = finetune(loaded, train, val, ft_config, run.file("finetune"), label_names=labels)
+            spec = run.record.model
+            loaded = load_spec(spec)
+            labels = spec.label_names if spec.task == "classification" else None
+            result = finetune(
+                loaded, train, val, finetune_config(cfg), run.layout.finetune, label_names=labels
+            )
             chosen = result.best if cfg.checkpoint == "best" else result.checkpoints[-1]
             rec.info.update(
                 checkpoint=str(chosen.path),
@@ -254,43 +259,25 @@ def stage_finetune(run: RunDir, cfg: PipelineConfig, train, val, label_names) ->
     return run.stage_info("finetune")
 
 
-def stage_gradients(
-    run: RunDir, cfg: PipelineConfig, checkpoint: str, train, val, label_names
-) -> dict[str, Any]:
-    """Per-example LoRA gradients of train and validation rows at the scored checkpoint, plus losses."""
-    from infscope.scoring import collect_gradients
-
-    if not run.done("gradients"):
-        with run.stage("gradients") as rec:
-            spec = model_spec(cfg, train, label_names)
-            rec.info.update(
-                collect_gradients(spec, checkpoint, train, val, run.path, grad_dtype=cfg.grad_dtype)
-            )
-    return run.stage_info("gradients")
-
-
 def stage_score(run: RunDir, cfg: PipelineConfig) -> dict[str, Any]:
-    """Score with every configured method; writes ``scores/<m>.npz`` and ``results/<m>.parquet``."""
+    """Gradients at the chosen checkpoint, then every configured method, as ``infscope score`` does."""
     from infscope.estimators.scores import Scores
-    from infscope.grads.store import GradientStore
-    from infscope.scoring import save_scores, score_methods
+    from infscope.scoring import score_run
+    from infscope.scoring.tables import MATRIX_SUFFIX, save_scores
 
     if not run.done("score"):
-        with run.stage("score") as rec:
-            train_grads = GradientStore.open(run.file("grads", "train"))
-            val_grads = GradientStore.open(run.file("grads", "val"))
-            losses = pd.read_parquet(run.file("losses.parquet"))
-            scored = score_methods(cfg.methods, train_grads, val_grads, losses, seed=cfg.seed)
-            save_scores(run.path, scored)
-            rec.info.update(
-                seconds={m: s.meta["seconds"] for m, s in scored.items()},
-                peak_rss_mb={m: s.meta["peak_rss_mb"] for m, s in scored.items()},
-            )
-            if cfg.attribution:
-                grad_methods = [m for m in cfg.methods if m in GRADIENT_METHODS]
-                matrices = score_methods(grad_methods, train_grads, val_grads, None, aggregate=False)
-                save_scores(run.path, matrices, suffix=".matrix")
-    return {m: Scores.load(run.file("scores", f"{m}.npz")) for m in cfg.methods}
+        scored = score_run(run.path, cfg.methods, checkpoint=cfg.checkpoint, grad_dtype=cfg.grad_dtype)
+        if cfg.attribution:
+            from infscope.scoring import RunInputs, open_run, score_methods
+            from infscope.scoring.methods import parse_methods
+
+            opened = open_run(run.path)
+            inputs = RunInputs(opened, opened.checkpoint(cfg.checkpoint), opened.val, aggregate=False)
+            matrices = score_methods(parse_methods(cfg.methods, inputs), inputs)
+            save_scores(run.layout, matrices, suffix=MATRIX_SUFFIX)
+        run.record = RunDir.open(run.path).record
+        return scored
+    return {m: Scores.load(run.layout.scores(m)) for m in cfg.methods}
 
 
 def stage_evaluate(
@@ -306,7 +293,7 @@ def stage_evaluate(
     }
     if cfg.attribution:
         evaluation["attribution"] = attribution_metrics(run, cfg, train, val)
-    atomic_write_json(run.file("evaluation.json"), to_jsonable(evaluation))
+    atomic_write_json(run.layout.evaluation, to_jsonable(evaluation))
     return evaluation
 
 
@@ -314,12 +301,13 @@ def attribution_metrics(run: RunDir, cfg: PipelineConfig, train, val) -> dict[st
     """Class-detection AUC and recall of the per-query score matrices (the DataInf paper's metric)."""
     from infscope.estimators.scores import Scores
     from infscope.evaluate.attribution import class_detection
+    from infscope.scoring.tables import MATRIX_SUFFIX
 
     train_class = {str(r["id"]): r.get("class") for r in train}
     val_class = {str(r["id"]): r.get("class") for r in val}
     out = {}
     for method in cfg.methods:
-        path = run.file("scores", f"{method}.matrix.npz")
+        path = run.layout.scores(method + MATRIX_SUFFIX)
         if not path.exists():
             continue
         s = Scores.load(path)
@@ -343,19 +331,26 @@ def run_pipeline(
     *,
     overwrite: bool = False,
     log: Callable[[str], None] | None = None,
+    kind: str = "demo",
 ) -> PipelineResult:
     """Run every stage (skipping those already done) and return the leaderboard and evaluation."""
     say = log or (lambda message: None)
-    run = RunDir(out_dir, cfg.as_args(), overwrite=overwrite)
+    run = RunDir.create(out_dir, pipeline_record(cfg, kind), overwrite=overwrite)
     say(f"data: built-in {cfg.dataset}")
     clean, val, label_names = stage_data(run, cfg)
+    task = run.stage_info("data").get("task") or "instruction"
+    if (
+        run.record.model.task != task
+        or run.record.model.label_names != model_spec(cfg, task, label_names).label_names
+    ):
+        run.record.model = model_spec(cfg, task, label_names)
+        run.save()
     say(f"noise: {cfg.noise_ratio:.0%} {cfg.noise_weights or cfg.noise_strategy}")
     train, manifest = stage_noise(run, cfg, clean, label_names)
     say(f"finetune: {cfg.model}, LoRA r={cfg.rank}, {cfg.epochs} epochs on {len(train)} rows")
-    ft = stage_finetune(run, cfg, train, val, label_names)
-    say(f"gradients: checkpoint epoch {ft['epoch']} ({cfg.checkpoint} validation loss)")
-    stage_gradients(run, cfg, ft["checkpoint"], train, val, label_names)
-    say(f"score: {', '.join(cfg.methods)}")
+    ft = stage_finetune(run, cfg, train, val)
+    say(f"score: {', '.join(cfg.methods)} at epoch {ft['epoch']} ({cfg.checkpoint} validation loss)")
     scores = stage_score(run, cfg)
+    run = RunDir.open(out_dir)
     evaluation = stage_evaluate(run, cfg, scores, manifest, train, val)
     return PipelineResult(Path(out_dir), leaderboard_frame(evaluation), evaluation, run.stages())

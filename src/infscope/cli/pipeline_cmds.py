@@ -10,64 +10,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
 
 from infscope.cli import app, console
+from infscope.cli.options import Threads, column_options
+from infscope.data.manifest import read_manifest
 from infscope.errors import InfscopeError
-
-
-def _cpu_times() -> tuple[int, int] | None:
-    """``(busy, total)`` jiffies summed over all CPUs from ``/proc/stat`` (``None`` off Linux)."""
-    try:
-        with open("/proc/stat", encoding="ascii") as handle:
-            fields = [int(v) for v in handle.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    total = sum(fields[:8])  # guest time (fields 8-9) is already counted in user time
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return total - idle, total
-
-
-def busy_cores(window: float = 0.3) -> int:
-    """Cores other processes keep busy right now: CPU use over ``window`` seconds, else the load average.
-
-    The 1-minute load average lags by a minute: just after another job ends it still reports a busy
-    core, and a demo started then would run on half the machine (4 min 31 s instead of 2 min 58 s
-    here). A short sample of ``/proc/stat`` sees the cores as they are.
-    """
-    import os
-    import time
-
-    cores = os.cpu_count() or 1  # /proc/stat sums every CPU of the machine
-    before = _cpu_times()
-    if before is not None:
-        time.sleep(window)
-        after = _cpu_times()
-        if after is not None and after[1] > before[1]:
-            share = (after[0] - before[0]) / (after[1] - before[1])
-            return int(share * cores + 0.5)
-    return int(os.getloadavg()[0] + 0.5) if hasattr(os, "getloadavg") else 0
-
-
-def _set_threads(threads: int | None) -> None:
-    """Choose torch's CPU threads: the given number, or by default the cores other processes leave idle.
-
-    On shared cores, torch threads that wait for each other are several times slower than one
-    thread (measured on this 2-core machine: 5.3 s vs 17.9 s per SmolLM2 step), so the default
-    counts busy cores (:func:`busy_cores`) instead of always taking every core.
-    """
-    import os
-
-    import torch
-
-    if threads is not None and threads < 1:
-        raise InfscopeError(f"--threads must be at least 1, got {threads}")
-    if threads is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = max(1, min(torch.get_num_threads(), cores - busy_cores()))
-    torch.set_num_threads(threads)
+from infscope.runs import RunLayout
 
 
 def _print_leaderboard(rows: list[dict], title: str) -> None:
@@ -140,16 +92,15 @@ def demo_command(
     seed: int = typer.Option(0, "--seed", help="Seed for data, noise, LoRA init and batch order."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
-    threads: int | None = typer.Option(
-        None, "--threads", help="CPU threads for torch [default: the idle cores]."
-    ),
+    threads: Threads = None,
     report: bool = typer.Option(True, "--report/--no-report", help="Write RUN/report.html at the end."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run made with other arguments."),
 ) -> None:
     """Run the whole job on the embedded default: data, noise, LoRA fine-tuning, gradients, every method."""
     from infscope.pipeline import PipelineConfig, run_pipeline
+    from infscope.runtime import set_threads
 
-    _set_threads(threads)
+    set_threads(threads)
     cfg = PipelineConfig(
         dataset=dataset,
         classes=classes,
@@ -196,10 +147,17 @@ def _demo_weights(weights: str | None, strategy: str) -> str | None:
 
 
 @app.command("score")
+@column_options
 def score_command(
-    run: Path = typer.Argument(..., help="Run directory made by `infscope finetune` or `infscope demo`."),
+    run: Path = typer.Argument(
+        ...,
+        help="A run directory (infscope finetune / demo), or adapters trained elsewhere: a peft adapter "
+        "folder or a Trainer output folder with checkpoint-N subfolders (then pass --data).",
+    ),
     method: str = typer.Option(
-        "datainf,hessian_free,loss", "--method", help="Comma-separated methods or 'all'."
+        "datainf,hessian_free,loss",
+        "--method",
+        help="Comma-separated methods, or 'all' (every method the run can feed).",
     ),
     query: str | None = typer.Option(
         None, "--query", help="Query rows [default: the run's validation rows]."
@@ -209,6 +167,27 @@ def score_command(
         "--checkpoint",
         help="best, last, epoch-N, or all (the others saved as METHOD@epoch-N, ranked side by side by evaluate).",
     ),
+    data: str | None = typer.Option(
+        None, "--data", help="Training rows of external adapters (same forms as finetune's DATA)."
+    ),
+    val: str | None = typer.Option(
+        None,
+        "--val",
+        help="Validation rows of external adapters [default: a --val-fraction split of --data].",
+    ),
+    val_fraction: float = typer.Option(
+        0.1, "--val-fraction", help="Share of --data held out when --val is absent."
+    ),
+    base_model: str | None = typer.Option(
+        None, "--base-model", help="Base model of external adapters [default: adapter_config.json's]."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Run directory for external adapters [default: infscope-score-NAME]."
+    ),
+    manifest: Path | None = typer.Option(
+        None, "--manifest", help="Known-bad rows of --data, for `infscope evaluate`."
+    ),
+    max_length: int = typer.Option(256, "--max-length", help="Maximum tokens per row for external adapters."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Rows per gradient pass."),
     grad_dtype: str = typer.Option(
         "float32", "--grad-dtype", help="Gradient store dtype: float32, float16, bfloat16."
@@ -220,46 +199,95 @@ def score_command(
     show_blocks: bool = typer.Option(
         False, "--blocks", help="Print the block inventory (name, rows, dim, shapes)."
     ),
-    threads: int | None = typer.Option(
-        None, "--threads", help="CPU threads for torch [default: the idle cores]."
-    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the validation split of external adapters."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N (external adapters)."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16 (external adapters)."),
+    threads: Threads = None,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run made with other arguments."),
+    columns: Any = None,
 ) -> None:
     """Score every training row of a fine-tuned run (higher = more harmful to the query loss)."""
-    from infscope.scoring import parse_methods, score_run
+    from infscope.runtime import set_threads
+    from infscope.scoring import open_run, parse_methods, score_run
 
-    methods = parse_methods(method)
-    _set_threads(threads)
+    parse_methods(method)  # unknown names fail before any model or data is loaded
+    set_threads(threads)
+    if not (run / "run.json").is_file():
+        from infscope.scoring.external import ExternalRequest, start_external_run
+
+        run = start_external_run(
+            ExternalRequest(
+                adapters=run,
+                data=data,
+                val=val,
+                val_fraction=val_fraction,
+                base_model=base_model,
+                out=out,
+                manifest=manifest,
+                max_length=max_length,
+                batch_size=batch_size or 8,
+                seed=seed,
+                device=device,
+                dtype=dtype,
+                columns=columns,
+            ),
+            overwrite=overwrite,
+        )
+        console.print(f"external adapters: run directory {run}")
+    elif data is not None:
+        raise InfscopeError(
+            f"{run} is an infscope run with its own data; drop --data (it is for external adapters)"
+        )
+    opened = open_run(run)
+    for note in opened.notes:
+        console.print(f"[yellow]note:[/] {note}")
     scored = score_run(
-        run,
-        methods,
+        opened,
+        method,
         query=query,
         checkpoint=checkpoint,
         grad_dtype=grad_dtype,
         batch_size=batch_size,
         block_by=block_by,
+        on_method=lambda name, seconds: console.print(f"  {name}: {seconds:.2f} s"),
     )
-    first = next(iter(scored.values()))
+    _print_score_summary(run, scored, top, show_blocks)
+
+
+def _print_score_summary(run: Path, scored: dict, top: int, show_blocks: bool) -> None:
     from infscope.grads.blocks import block_inventory, format_inventory
     from infscope.grads.store import GradientStore
+    from infscope.runs import RunDir
 
-    store_path = Path(first.meta["train_store"])
-    inventory = block_inventory(GradientStore.open(store_path))
-    console.print(
-        f"gradients: {len(inventory)} blocks, {sum(b.dim for b in inventory):,} parameters ({store_path})"
+    record = RunDir.open(run).record
+    info = record.stages.get("score", {}).get("info", {})
+    first = next(iter(scored.values()))
+    store_path = RunDir.open(run).layout.grads(
+        info.get("checkpoint", ""), "train", info.get("block_by", "matrix")
     )
-    if show_blocks:
-        console.print(format_inventory(inventory), highlight=False)
+    if (store_path / "index.json").is_file():
+        inventory = block_inventory(GradientStore.open(store_path))
+        console.print(
+            f"gradients: {len(inventory)} blocks, {sum(b.dim for b in inventory):,} parameters ({store_path})"
+        )
+        if show_blocks:
+            console.print(format_inventory(inventory), highlight=False)
+    _print_stages({k: v for k, v in record.stages.items() if k.startswith("gradients") or k == "score"})
     timing = Table(title="scores")
-    for column in ("method", "seconds", "most harmful", "most helpful"):
+    for column in ("method", "seconds", "peak MB", "most harmful", "most helpful"):
         timing.add_column(column)
     for name, s in scored.items():
         timing.add_row(
             name,
             f"{s.meta['seconds']:.2f}",
+            f"{s.meta.get('peak_rss_mb', 0):.0f}",
             ", ".join(s.harmful(min(top, 3))),
             ", ".join(s.helpful(min(top, 3))),
         )
     console.print(timing)
+    for name, s in scored.items():
+        for message in s.meta.get("warnings", []):
+            console.print(f"[yellow]warning ({name}):[/] {message}")
     frame = first.to_frame().sort_values("rank").head(top)
     table = Table(title=f"top {top} harmful rows by {first.method}")
     for column in ("rank", "id", "score"):
@@ -273,24 +301,41 @@ def score_command(
 @app.command("evaluate")
 def evaluate_command(
     runs: list[Path] = typer.Argument(..., help="One run directory, or several (seeds) to average."),
-    manifest: Path | None = typer.Option(None, "--manifest", help="Noise manifest [default: the run's own]."),
+    manifest: list[Path] = typer.Option(
+        [],
+        "--manifest",
+        help="Known-bad rows: a noise manifest, id + is_noisy JSONL, or noisy ids one a line "
+        "[default: the run's own]; repeat once per run when evaluating several.",
+    ),
     k: list[int] = typer.Option([], "--k", help="Extra cut-offs for precision/recall at k."),
     as_json: bool = typer.Option(False, "--json", help="Print the evaluation as JSON."),
 ) -> None:
     """Leaderboard of how well each saved score finds the injected noise (AUROC, AP, P@k, time, memory)."""
-    from infscope.data.manifest import read_manifest
     from infscope.evaluate.jsonable import to_jsonable
     from infscope.runs import atomic_write_json
-    from infscope.scoring import detection_evaluation, load_scores
+    from infscope.scoring import detection_evaluation, load_scores, open_run
 
+    if manifest and len(manifest) not in (1, len(runs)):
+        raise InfscopeError(
+            f"got {len(manifest)} --manifest files for {len(runs)} runs; pass one for all or one per run"
+        )
     rows, evaluations = [], {}
-    for seed_index, run in enumerate(runs):
-        path = manifest or _default_manifest(run)
-        evaluation = detection_evaluation(load_scores(run), read_manifest(path), ks=k)
+    for index, run in enumerate(runs):
+        opened = open_run(run)
+        path = manifest[index if len(manifest) > 1 else 0] if manifest else opened.manifest
+        if path is None:
+            raise InfscopeError(
+                f"no noise manifest found for {run}; pass --manifest FILE (a manifest from `infscope noise`, "
+                "or your own known-bad ids)"
+            )
+        truth = read_manifest(path)
+        evaluation = detection_evaluation(load_scores(opened.layout), truth, ks=k)
         evaluation["manifest"] = str(path)
-        atomic_write_json(run / "evaluation.json", to_jsonable(_merge_existing(run, evaluation)))
+        atomic_write_json(
+            opened.layout.evaluation, to_jsonable(_merge_existing(opened.layout.evaluation, evaluation))
+        )
         evaluations[str(run)] = evaluation
-        rows.extend({**r, "seed": seed_index} for r in evaluation["leaderboard"])
+        rows.extend({**r, "seed": index} for r in evaluation["leaderboard"])
     if as_json:
         typer.echo(
             json.dumps(to_jsonable(evaluations if len(runs) > 1 else evaluations[str(runs[0])]), indent=2)
@@ -300,26 +345,11 @@ def evaluate_command(
     _print_leaderboard(rows, title)
     if len(runs) == 1:
         _print_families(evaluations[str(runs[0])])
-    console.print(f"saved: {', '.join(str(r / 'evaluation.json') for r in runs)}")
+    console.print(f"saved: {', '.join(str(RunLayout(r).evaluation) for r in runs)}")
 
 
-def _default_manifest(run: Path) -> Path:
-    from infscope.scoring import open_finetuned_run
-
-    candidate = run / "data" / "manifest.jsonl"
-    if candidate.is_file():
-        return candidate
-    found = open_finetuned_run(run).manifest
-    if found is None:
-        raise InfscopeError(
-            f"no noise manifest found for {run}; pass --manifest FILE (written by `infscope noise`)"
-        )
-    return found
-
-
-def _merge_existing(run: Path, evaluation: dict) -> dict:
+def _merge_existing(path: Path, evaluation: dict) -> dict:
     """Keep parts of an earlier evaluation.json (checkpoint, attribution) that this command does not recompute."""
-    path = run / "evaluation.json"
     if not path.is_file():
         return evaluation
     try:

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infscope.data.manifest import json_default
 from infscope.errors import InfscopeError
-from infscope.runs import file_fingerprint
+from infscope.runs.io import file_fingerprint, json_default, parse_jsonl
 
 READ_FORMATS: dict[str, str] = {
     ".json": "json",
@@ -99,25 +98,6 @@ def read_json(path: Path) -> list[dict[str, Any]]:
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """One JSON object per line; blank lines are skipped; errors report the 1-based line number."""
     return parse_jsonl(_read_text(path), str(path))
-
-
-def parse_jsonl(text: str, source: str, fix: str = "fix that line") -> list[dict[str, Any]]:
-    """Parse JSONL ``text``; a bad line raises an error naming ``source``, the line number and ``fix``."""
-    records = []
-    # split on "\n" only: str.splitlines would also break lines at U+2028 etc. inside JSON strings
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InfscopeError(f"malformed JSON on line {number} of {source} ({exc.msg}); {fix}") from None
-        if not isinstance(record, dict):
-            raise InfscopeError(
-                f"line {number} of {source} is a JSON {type(record).__name__}, not an object; {fix}"
-            )
-        records.append(record)
-    return records
 
 
 def read_csv(path: Path) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from infscope.data.manifest import json_default
+from infscope.runs.io import json_default
 from infscope.errors import InfscopeError
 from infscope.runs import atomic_path, atomic_write_text
 

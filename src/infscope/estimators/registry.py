@@ -1,36 +1,238 @@
-"""Estimators by name: ``get_estimator("datainf", damping_scale=0.1)``."""
+"""Every scoring method by name, with what it needs; gradient estimator classes by name.
+
+A :class:`Method` is one row of the method table: its name, the inputs it needs (see
+:mod:`infscope.estimators.inputs`), and ``compute(inputs, options) -> Scores``. Baselines and
+TracIn are methods like any other, so scoring never dispatches on a method's name.
+:func:`get_estimator` still builds a gradient estimator class directly (``fit`` / ``score``).
+"""
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from infscope.errors import InfscopeError
+from infscope.estimators import baselines, dynamics
 from infscope.estimators.base import Estimator
+from infscope.estimators.cosine import DataInfCosine, GradCosine
 from infscope.estimators.datainf import DataInf
 from infscope.estimators.exact import Exact
 from infscope.estimators.hessian_free import HessianFree
+from infscope.estimators.inputs import (
+    ALL_CHECKPOINTS,
+    DYNAMICS,
+    LOSSES,
+    OPTIMIZER_STATE,
+    QUERY_GRADS,
+    TRAIN_GRADS,
+    MethodInputs,
+)
+from infscope.estimators.less import LESS, TrackStar
 from infscope.estimators.lissa import LiSSA
+from infscope.estimators.scores import Scores
 
 ESTIMATORS: dict[str, type] = {
     "datainf": DataInf,
     "lissa": LiSSA,
     "exact": Exact,
     "hessian_free": HessianFree,
-    "tracin": HessianFree,
+    "grad_cos": GradCosine,
+    "datainf_cos": DataInfCosine,
 }
+ALIASES = {"hessian-free": "hessian_free", "base-loss": "base_loss", "tracin-cp": "tracin"}
 
 
 def get_estimator(name: str, **kwargs: Any) -> Estimator:
-    """A new estimator by registry name, with keyword options checked against its constructor."""
+    """A new gradient estimator by registry name, with keyword options checked against its constructor."""
     key = name.strip().lower().replace("-", "_")
     if key not in ESTIMATORS:
         raise InfscopeError(f"unknown estimator {name!r}; choose one of {', '.join(ESTIMATORS)}")
     cls = ESTIMATORS[key]
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    unknown = sorted(set(kwargs) - set(accepted))
+    _check_options(key, cls, kwargs)
+    return cls(**kwargs)
+
+
+def _check_options(name: str, target: Callable, options: dict[str, Any]) -> None:
+    accepted = [p for p in inspect.signature(target).parameters if p not in ("self", "inputs")]
+    unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise InfscopeError(
-            f"estimator {key!r} has no option {unknown[0]!r}; its options are {', '.join(accepted) or 'none'}"
+            f"method {name!r} has no option {unknown[0]!r}; its options are {', '.join(accepted) or 'none'}"
         )
-    return cls(**kwargs)
+
+
+Compute = Callable[[MethodInputs, dict[str, Any]], Scores]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One scoring method: name, needs, how to compute it, and a one-line summary for ``--help``.
+
+    ``per_query``: the method can return one row per query (``aggregate=False``), for attribution.
+    ``family``: a label for tables (``influence``, ``baseline``, ``pair``, ``dynamics``, ...).
+    """
+
+    name: str
+    needs: tuple[str, ...]
+    compute: Compute
+    summary: str
+    family: str = "influence"
+    per_query: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add ``method`` to the table (a name registered twice is a programming error)."""
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} is registered twice")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """The method called ``name`` (aliases such as ``hessian-free`` accepted)."""
+    key = name.strip().lower()
+    key = ALIASES.get(key, key).replace("-", "_")
+    if key not in METHODS:
+        raise InfscopeError(f"unknown method {name!r}; choose from {', '.join(METHODS)} (or 'all')")
+    return METHODS[key]
+
+
+def _gradient_method(name: str, summary: str, **defaults: Any) -> Method:
+    cls = ESTIMATORS[name]
+
+    def compute(inputs: MethodInputs, options: dict[str, Any]) -> Scores:
+        merged = {**defaults, **options}
+        _check_options(name, cls.__init__, merged)
+        estimator = cls(**merged).fit(inputs.train_grads())
+        return estimator.score(inputs.query_grads(), aggregate=inputs.aggregate)
+
+    return Method(name, (TRAIN_GRADS, QUERY_GRADS), compute, summary, per_query=True, options=defaults)
+
+
+def _loss_column(column: str) -> Compute:
+    def compute(inputs: MethodInputs, options: dict[str, Any]) -> Scores:
+        _check_options(column, lambda: None, options)
+        frame = inputs.losses().set_index("id").loc[inputs.train_ids]
+        return baselines.from_values(frame[column].to_numpy(), inputs.train_ids, column)
+
+    return compute
+
+
+def _grad_norm(inputs: MethodInputs, options: dict[str, Any]) -> Scores:
+    _check_options("grad_norm", lambda: None, options)
+    return baselines.grad_norm_scores(inputs.train_grads())
+
+
+def _random(inputs: MethodInputs, options: dict[str, Any]) -> Scores:
+    _check_options("random", lambda seed=None: None, options)
+    return baselines.random_scores(inputs.train_ids, seed=int(options.get("seed", inputs.seed)))
+
+
+def _tracin(inputs: MethodInputs, options: dict[str, Any]) -> Scores:
+    """TracIn-CP: ``sum_c lr_c (-v_c . g_{z,c})`` over every saved checkpoint."""
+    _check_options("tracin", lambda: None, options)
+    ckpts = inputs.checkpoints()
+    pairs = [(c.train, c.lr) for c in ckpts]
+    scores = HessianFree().fit(pairs).score([c.query for c in ckpts], aggregate=inputs.aggregate)
+    scores.method = "tracin"
+    scores.meta.update(checkpoints=[c.path for c in ckpts], checkpoint_weights=[c.lr for c in ckpts])
+    return scores
+
+
+def _optimizer_aware(name: str, cls: type) -> Compute:
+    """LESS / TrackStar: every checkpoint's gradients with its Adam moments, lr-weighted cosines."""
+
+    def compute(inputs: MethodInputs, options: dict[str, Any]) -> Scores:
+        _check_options(name, cls.__init__, options)
+        ckpts = inputs.checkpoints()
+        fitted = cls(**{"seed": inputs.seed, **options}).fit(
+            [(c.train, c.query, inputs.block_moments(c), c.lr) for c in ckpts]
+        )
+        scores = fitted.score(aggregate=inputs.aggregate)
+        scores.meta.update(checkpoints=[c.path for c in ckpts], checkpoint_weights=[c.lr for c in ckpts])
+        return scores
+
+    return compute
+
+
+def _dynamics(name: str, fn: Callable[..., Any]) -> Compute:
+    def compute(inputs: MethodInputs, options: dict[str, Any]) -> Scores:
+        _check_options(name, fn, {k: v for k, v in options.items()})
+        values = fn(inputs.dynamics(), inputs.train_ids, **options)
+        return baselines.from_values(values, inputs.train_ids, name, {"family": "dynamics"})
+
+    return compute
+
+
+for _method in (
+    _gradient_method(
+        "datainf", "DataInf: closed-form inverse of each block's damped Fisher (Kwon et al. 2024)"
+    ),
+    _gradient_method("lissa", "LiSSA: iterative inverse-Hessian-vector product per block"),
+    _gradient_method("exact", "exact damped inverse per block (Woodbury + Cholesky)"),
+    _gradient_method("hessian_free", "raw gradient dot product with the query gradient (H = I)"),
+    Method(
+        "tracin",
+        (ALL_CHECKPOINTS,),
+        _tracin,
+        "TracIn-CP: dot products summed over every checkpoint, lr-weighted",
+        per_query=True,
+    ),
+    Method(
+        "loss", (LOSSES,), _loss_column("loss"), "training loss at the scored checkpoint", family="baseline"
+    ),
+    Method("base_loss", (LOSSES,), _loss_column("base_loss"), "loss under the base model", family="baseline"),
+    Method("grad_norm", (TRAIN_GRADS,), _grad_norm, "norm of the per-example gradient", family="baseline"),
+    Method("random", (), _random, "seeded random scores: the floor", family="baseline"),
+    _gradient_method(
+        "grad_cos", "cosine of each row's gradient with the mean query gradient (unit-normalised)"
+    ),
+    _gradient_method("datainf_cos", "cosine with DataInf's preconditioned query direction"),
+    Method(
+        "less",
+        (ALL_CHECKPOINTS, OPTIMIZER_STATE),
+        _optimizer_aware("less", LESS),
+        "LESS: Adam-preconditioned, projected, cosine, lr-weighted over checkpoints (Xia et al. 2024)",
+    ),
+    Method(
+        "trackstar",
+        (ALL_CHECKPOINTS, OPTIMIZER_STATE),
+        _optimizer_aware("trackstar", TrackStar),
+        "TrackStar: second-moment-corrected, projected, cosine over checkpoints (Chang et al. 2024)",
+    ),
+    Method(
+        "cartography",
+        (DYNAMICS,),
+        _dynamics("cartography", dynamics.cartography),
+        "minus the mean p(gold) over epochs (dataset cartography)",
+        family="dynamics",
+    ),
+    Method(
+        "aum",
+        (DYNAMICS,),
+        _dynamics("aum", dynamics.aum),
+        "minus the area under the margin (classification)",
+        family="dynamics",
+    ),
+    Method(
+        "forgetting",
+        (DYNAMICS,),
+        _dynamics("forgetting", dynamics.forgetting),
+        "forgetting events over epochs (classification)",
+        family="dynamics",
+    ),
+    Method(
+        "el2n",
+        (DYNAMICS,),
+        _dynamics("el2n", dynamics.el2n),
+        "mean error L2 norm over early epochs",
+        family="dynamics",
+    ),
+):
+    register(_method)

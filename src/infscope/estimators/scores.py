@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from infscope.errors import InfscopeError
-from infscope.runs import atomic_path
+from infscope.runs.io import atomic_path, json_lenient_default
 
 SIGN = "higher = more harmful to the query loss"
 DEFAULT_FLAG_FRACTION = 0.1
@@ -124,7 +124,7 @@ class Scores:
             "values": self.values,
             "train_ids": np.asarray(self.train_ids, dtype=np.str_),
             "method": np.asarray(self.method),
-            "meta_json": np.asarray(json.dumps(self.meta, sort_keys=True, default=_json_default)),
+            "meta_json": np.asarray(json.dumps(self.meta, sort_keys=True, default=json_lenient_default)),
         }
         if self.query_ids is not None:
             payload["query_ids"] = np.asarray(self.query_ids, dtype=np.str_)
@@ -157,15 +157,6 @@ class Scores:
             raise InfscopeError(
                 f"cannot read scores from {source} ({exc}); pass a file written by Scores.save"
             ) from None
-
-
-def _json_default(obj: Any) -> Any:
-    """Make numpy scalars and arrays JSON-serialisable in metadata."""
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return str(obj)
 
 
 def write_table(frame: pd.DataFrame, path: str | os.PathLike) -> Path:

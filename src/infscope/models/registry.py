@@ -218,3 +218,57 @@ def load_model(
         path=local_dir,
         num_labels=num_labels,
     )
+
+
+def load_spec(spec: Any, *, attn_implementation: str | None = None) -> LoadedModel:
+    """The base model a run's :class:`~infscope.runs.record.ModelSpec` describes (no adapter), seeded.
+
+    A classification run needs its label names (the number of classes sizes the head).
+    """
+    num_labels = None
+    if spec.model_task == "classification":
+        if not spec.label_names:
+            raise InfscopeError(
+                "this classification run records no label names; fine-tune it again with infscope "
+                "(labels are recorded at fine-tuning) or pass the labels through the data's label names"
+            )
+        num_labels = len(spec.label_names)
+    torch.manual_seed(spec.seed)
+    return load_model(
+        spec.name,
+        task=spec.model_task,
+        num_labels=num_labels,
+        device=spec.device,
+        dtype=spec.dtype,
+        seed=spec.seed,
+        attn_implementation=attn_implementation,
+    )
+
+
+def load_tokenizer(spec: Any) -> Any:
+    """The tokenizer of the base model a run's :class:`~infscope.runs.record.ModelSpec` names, alone.
+
+    Resolved like :func:`load_model` (built-in name, local directory, Hub cache, then the Hub) and
+    given the same pad token, so rows encode exactly as in fine-tuning; no model weights are read,
+    which keeps commands that only encode rows (peers, reports) light.
+    """
+    from transformers import AutoTokenizer
+
+    task = spec.model_task
+    if task not in TASKS:
+        raise InfscopeError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+    with quiet_transformers():
+        source, local_dir = _resolve_source(str(spec.name), task, spec.seed)
+    try:
+        with quiet_transformers():
+            tokenizer = _from_pretrained(AutoTokenizer, source, local_dir is not None)
+    except InfscopeError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InfscopeError(
+            f"could not load the tokenizer of {spec.name!r}: {first}; pass a valid checkpoint directory"
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    return tokenizer

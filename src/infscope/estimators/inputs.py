@@ -1,0 +1,81 @@
+"""What a scoring method may ask for, and the object that provides it.
+
+Every method in the registry declares its needs as a tuple of the names below; the scoring layer
+(:mod:`infscope.scoring.inputs`) implements :class:`MethodInputs` for a run and provides exactly
+those, each computed once and shared by every method of one call. So adding a method never
+touches the orchestration, and a method whose needs a run cannot meet is left out of ``all``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import pandas as pd
+
+from infscope.grads.base import GradientSet
+
+#: Per-example gradients of the training rows at the scored checkpoint.
+TRAIN_GRADS = "train_grads"
+#: Per-example gradients of the query rows at the scored checkpoint.
+QUERY_GRADS = "query_grads"
+#: Per-row training loss at the scored checkpoint and under the base model.
+LOSSES = "losses"
+#: Train and query gradients at every saved checkpoint, with each checkpoint's mean learning rate.
+ALL_CHECKPOINTS = "all_checkpoints"
+#: Adam moments saved with every checkpoint (LESS, TrackStar).
+OPTIMIZER_STATE = "optimizer_state"
+#: A model forward: the tuned checkpoint (and the base model) with its tokenizer and the rows.
+MODEL = "model"
+#: Per-row loss (and margin) at every epoch, recorded during fine-tuning.
+DYNAMICS = "dynamics"
+
+NEEDS = (TRAIN_GRADS, QUERY_GRADS, LOSSES, ALL_CHECKPOINTS, OPTIMIZER_STATE, MODEL, DYNAMICS)
+
+
+@dataclass
+class CheckpointGradients:
+    """Gradients at one saved checkpoint, with TracIn's weight (mean learning rate since the last)."""
+
+    name: str
+    path: str
+    train: GradientSet
+    query: GradientSet
+    lr: float
+    optimizer_path: str | None = None
+
+
+class MethodInputs(Protocol):
+    """What scoring provides to a method; each accessor computes its value once, on first use."""
+
+    seed: int
+    aggregate: bool
+
+    @property
+    def train_ids(self) -> list[str]: ...
+
+    def available(self, need: str) -> bool:
+        """Whether this run can provide ``need`` (a run without checkpoints has no dynamics, ...)."""
+        ...
+
+    def train_grads(self) -> GradientSet: ...
+
+    def query_grads(self) -> GradientSet: ...
+
+    def losses(self) -> pd.DataFrame: ...
+
+    def checkpoints(self) -> list[CheckpointGradients]: ...
+
+    def block_moments(self, checkpoint: CheckpointGradients) -> dict[str, Any]:
+        """Adam moments saved with ``checkpoint``, laid out like its gradient blocks."""
+        ...
+
+    def model(self, which: str = "checkpoint") -> Any: ...
+
+    def rows(self) -> list[dict]: ...
+
+    def query_rows(self) -> list[dict]: ...
+
+    def dynamics(self) -> pd.DataFrame: ...
+
+    def encode_options(self) -> dict[str, Any]: ...

@@ -1,0 +1,149 @@
+"""Per-example gradients and losses of a run's rows at one checkpoint, collected once and reused.
+
+Everything lands where :class:`~infscope.runs.RunLayout` says: ``scoring/<checkpoint>[-<block_by>]/``
+holds ``grads/train``, ``grads/<query>``, ``losses.parquet`` and ``gradients.json``. Stores resume
+shard by shard; a store made with other blocks or another dtype is collected again.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from infscope.errors import InfscopeError
+from infscope.grads.store import INDEX_FILE, GradientStore, collect_to_store, dtype_name
+from infscope.models.encode import encode_rows
+from infscope.models.lora import load_adapter
+from infscope.models.loss import per_example_loss
+from infscope.models.prefix import PrefixStates, adapter_first_layer, frozen_prefix
+from infscope.models.registry import load_spec
+from infscope.runs import ModelSpec, RunLayout, atomic_path, atomic_write_json
+
+
+def encode_for(spec: ModelSpec, rows: Sequence[dict], tokenizer: Any):
+    """Encode ``rows`` exactly as fine-tuning did (task, max length, response masking, label order)."""
+    labels = spec.label_names if spec.model_task == "classification" else None
+    return encode_rows(
+        list(rows),
+        tokenizer,
+        task=spec.model_task,
+        max_length=spec.max_length,
+        response_only=spec.response_only,
+        label_names=labels,
+    )
+
+
+def collect_gradients(
+    spec: ModelSpec,
+    layout: RunLayout,
+    checkpoint: str,
+    train: Sequence[dict],
+    query: Sequence[dict],
+    *,
+    grad_dtype: str = "float32",
+    query_name: str = "val",
+    block_by: str = "matrix",
+) -> dict[str, Any]:
+    """Gradient stores of train and query rows at ``checkpoint`` plus per-row losses.
+
+    The base model's loss is measured first (no adapter: the ``base_loss`` baseline), then the
+    checkpoint's adapter is loaded and both stores are collected in batched hook passes; the
+    training loss at the checkpoint (the ``loss`` baseline) comes from the same passes.
+    """
+    if not query:
+        raise InfscopeError("the query set is empty; pass --query with at least one row")
+    loaded = load_spec(spec)
+    enc_train, enc_query = (
+        encode_for(spec, train, loaded.tokenizer),
+        encode_for(spec, query, loaded.tokenizer),
+    )
+    depth = adapter_first_layer(checkpoint)
+    prefix = PrefixStates(depth) if depth else None  # shared by the base-model and adapter passes
+    loaded.model.requires_grad_(False)  # the base model is only evaluated; the adapter brings its own weights
+    with frozen_prefix(loaded.model, prefix):
+        base_loss = per_example_loss(loaded.model, enc_train, batch_size=spec.batch_size)
+    model = load_adapter(loaded, checkpoint)
+    stores = {}
+    with frozen_prefix(model, prefix):
+        for name, enc in (("train", enc_train), (query_name, enc_query)):
+            stores[name] = collect_to_store(
+                model,
+                enc,
+                layout.grads(checkpoint, name, block_by),
+                batch_size=spec.batch_size,
+                dtype=grad_dtype,
+                block_by=block_by,
+                meta={"checkpoint": str(checkpoint)},
+                progress_label=f"gradients {name}",
+            )
+        train_loss = stores["train"].losses()
+        if train_loss is None:
+            train_loss = per_example_loss(model, enc_train, batch_size=spec.batch_size)
+    losses = pd.DataFrame({"id": enc_train.ids, "loss": np.asarray(train_loss), "base_loss": base_loss})
+    with atomic_path(layout.losses(checkpoint, block_by)) as tmp:
+        losses.to_parquet(tmp, index=False)
+    store = stores["train"]
+    info = {
+        "checkpoint": str(checkpoint),
+        "blocks": len(store.block_names),
+        "params": int(sum(store.block_dim(b) for b in store.block_names)),
+        "train_rows": len(store.ids),
+        "query_rows": len(stores[query_name].ids),
+        "truncated_rows": len(getattr(enc_train, "truncated", []) or []),
+    }
+    atomic_write_json(layout.gradient_info(checkpoint, block_by), info)
+    return info
+
+
+def checkpoint_gradients(
+    spec: ModelSpec,
+    layout: RunLayout,
+    checkpoint: str,
+    train: Sequence[dict],
+    query: Sequence[dict],
+    *,
+    query_name: str = "val",
+    grad_dtype: str = "float32",
+    block_by: str = "matrix",
+) -> tuple[GradientStore, GradientStore, pd.DataFrame]:
+    """Train and query gradient stores and per-row losses at ``checkpoint``, collected unless complete."""
+    train_store = layout.grads(checkpoint, "train", block_by)
+    query_store = layout.grads(checkpoint, query_name, block_by)
+    if any(_store_differs(s, block_by, grad_dtype) for s in (train_store, query_store)):
+        shutil.rmtree(layout.scoring(checkpoint, block_by))  # made with other blocks or another dtype
+    if not (
+        _complete(train_store) and _complete(query_store) and layout.losses(checkpoint, block_by).is_file()
+    ):
+        collect_gradients(
+            spec,
+            layout,
+            checkpoint,
+            train,
+            query,
+            grad_dtype=grad_dtype,
+            query_name=query_name,
+            block_by=block_by,
+        )
+    losses = pd.read_parquet(layout.losses(checkpoint, block_by))
+    return GradientStore.open(train_store), GradientStore.open(query_store), losses
+
+
+def _store_differs(path, block_by: str, grad_dtype: str) -> bool:
+    """Whether a (possibly unfinished) store exists at ``path`` with other blocks or dtype (checked before loading a model)."""
+    if not (path / INDEX_FILE).is_file():
+        return False
+    store = GradientStore.open(path)
+    return store.meta.get("block_by", "matrix") != block_by or store.dtype != dtype_name(grad_dtype)
+
+
+def _complete(path) -> bool:
+    if not (path / INDEX_FILE).is_file():
+        return False
+    try:
+        return bool(GradientStore.open(path).is_complete)
+    except InfscopeError:
+        return False

@@ -1,0 +1,170 @@
+"""The :class:`~infscope.estimators.inputs.MethodInputs` of one opened run at one checkpoint.
+
+Each accessor computes its value on first use and keeps it, so five gradient methods share one
+gradient pass and two model-forward methods share one model load.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+
+from infscope.errors import InfscopeError
+from infscope.estimators.inputs import (
+    ALL_CHECKPOINTS,
+    DYNAMICS,
+    LOSSES,
+    MODEL,
+    OPTIMIZER_STATE,
+    QUERY_GRADS,
+    TRAIN_GRADS,
+    CheckpointGradients,
+)
+from infscope.grads.base import GradientSet, InMemoryGradients, to_memory
+from infscope.scoring.gradients import checkpoint_gradients
+from infscope.scoring.run import Checkpoint, OpenedRun
+
+IN_MEMORY_LIMIT = 2 << 30
+
+
+def in_memory_if_small(grads: GradientSet, limit_bytes: int = IN_MEMORY_LIMIT) -> GradientSet:
+    """Load an on-disk store once when it fits in ``limit_bytes``, so methods do not each reread it."""
+    if isinstance(grads, InMemoryGradients):
+        return grads
+    size = 4 * len(grads.ids) * sum(grads.block_dim(b) for b in grads.block_names)
+    return to_memory(grads) if size <= limit_bytes else grads
+
+
+class RunInputs:
+    """Inputs of the methods scored on ``run`` at ``checkpoint`` against ``query`` rows."""
+
+    def __init__(
+        self,
+        run: OpenedRun,
+        checkpoint: Checkpoint,
+        query: Sequence[dict],
+        *,
+        query_name: str = "val",
+        grad_dtype: str = "float32",
+        block_by: str = "matrix",
+        aggregate: bool = True,
+        seed: int | None = None,
+    ) -> None:
+        self.run = run
+        self.checkpoint = checkpoint
+        self._query = list(query)
+        self.query_name = query_name
+        self.grad_dtype = grad_dtype
+        self.block_by = block_by
+        self.aggregate = aggregate
+        self.seed = run.spec.seed if seed is None else int(seed)
+
+    @property
+    def train_ids(self) -> list[str]:
+        return [str(r["id"]) for r in self.run.train]
+
+    def available(self, need: str) -> bool:
+        if need in (TRAIN_GRADS, QUERY_GRADS, LOSSES, MODEL):
+            return True
+        if need == ALL_CHECKPOINTS:
+            return len(self.run.checkpoints) >= 1
+        if need == OPTIMIZER_STATE:
+            return all(c.optimizer_path for c in self.run.checkpoints)
+        if need == DYNAMICS:
+            return self.run.layout.dynamics.is_file()
+        return False
+
+    @functools.cache  # noqa: B019 - one instance per scoring call; the cache is the point
+    def _at(self, path: str):
+        return checkpoint_gradients(
+            self.run.spec,
+            self.run.layout,
+            path,
+            self.run.train,
+            self._query,
+            query_name=self.query_name,
+            grad_dtype=self.grad_dtype,
+            block_by=self.block_by,
+        )
+
+    @functools.cache  # noqa: B019
+    def train_grads(self) -> GradientSet:
+        return in_memory_if_small(self._at(self.checkpoint.path)[0])
+
+    def query_grads(self) -> GradientSet:
+        return self._at(self.checkpoint.path)[1]
+
+    def losses(self) -> pd.DataFrame:
+        return self._at(self.checkpoint.path)[2]
+
+    @functools.cache  # noqa: B019
+    def checkpoints(self) -> list[CheckpointGradients]:
+        out = []
+        for c in self.run.checkpoints:
+            train, query, _ = self._at(c.path)
+            lr = 1.0 if c.lr is None else float(c.lr)
+            out.append(CheckpointGradients(c.tag, c.path, train, query, lr, c.optimizer_path))
+        return out
+
+    @functools.cache  # noqa: B019
+    def _optimizer_param_names(self) -> tuple[str, ...]:
+        """Names of the adapter parameters in the order the optimiser was built with (trainable adapter)."""
+        from infscope.models.lora import load_adapter, trainable_parameters
+        from infscope.models.registry import load_spec
+
+        model = load_adapter(load_spec(self.run.spec), self.checkpoint.path, trainable=True)
+        return tuple(trainable_parameters(model))
+
+    def block_moments(self, checkpoint: CheckpointGradients) -> dict[str, Any]:
+        from infscope.models.optimizer_state import checkpoint_block_moments
+
+        if not checkpoint.optimizer_path:
+            raise InfscopeError(
+                f"checkpoint {checkpoint.path} has no optimizer.pt; LESS and TrackStar need it"
+            )
+        return checkpoint_block_moments(
+            checkpoint.optimizer_path, list(self._optimizer_param_names()), checkpoint.train
+        )
+
+    @functools.cache  # noqa: B019
+    def model(self, which: str = "checkpoint") -> Any:
+        """The base model (``which="base"``) or the scored checkpoint's, with its tokenizer, in eval mode."""
+        from infscope.models.lora import load_adapter
+        from infscope.models.registry import load_spec
+
+        loaded = load_spec(self.run.spec)
+        loaded.model.requires_grad_(False)
+        if which == "base":
+            return loaded
+        if which != "checkpoint":
+            raise InfscopeError(f"unknown model {which!r}; use 'checkpoint' or 'base'")
+        loaded.model = load_adapter(loaded, self.checkpoint.path)
+        loaded.model.eval()
+        return loaded
+
+    def rows(self) -> list[dict]:
+        return self.run.train
+
+    def query_rows(self) -> list[dict]:
+        return self._query
+
+    def dynamics(self) -> pd.DataFrame:
+        path = self.run.layout.dynamics
+        if not path.is_file():
+            raise InfscopeError(
+                f"{self.run.path} has no training dynamics ({path}); fine-tune it again with this version"
+            )
+        return pd.read_parquet(path)
+
+    def encode_options(self) -> dict[str, Any]:
+        spec = self.run.spec
+        return {
+            "task": spec.model_task,
+            "max_length": spec.max_length,
+            "batch_size": spec.batch_size,
+            "response_only": spec.response_only,
+            "label_names": spec.label_names if spec.model_task == "classification" else None,
+        }
