@@ -50,6 +50,7 @@ class MethodInputs(Protocol):
 
     seed: int
     aggregate: bool
+    task: str  # "instruction" or "classification"
 
     @property
     def train_ids(self) -> list[str]: ...

@@ -24,6 +24,7 @@ from infscope.estimators.inputs import (
     ALL_CHECKPOINTS,
     DYNAMICS,
     LOSSES,
+    MODEL,
     OPTIMIZER_STATE,
     QUERY_GRADS,
     TRAIN_GRADS,
@@ -31,6 +32,7 @@ from infscope.estimators.inputs import (
 )
 from infscope.estimators.less import LESS, TrackStar
 from infscope.estimators.lissa import LiSSA
+from infscope.estimators.pair import PAIR_SCORES, pair_options
 from infscope.estimators.scores import Scores
 
 ESTIMATORS: dict[str, type] = {
@@ -81,6 +83,7 @@ class Method:
     family: str = "influence"
     per_query: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    tasks: tuple[str, ...] = ("instruction", "classification")
 
 
 METHODS: dict[str, Method] = {}
@@ -170,6 +173,50 @@ def _dynamics(name: str, fn: Callable[..., Any]) -> Compute:
     return compute
 
 
+def _pair(name: str, score: str, which: str) -> Compute:
+    """A pair-consistency score (:mod:`infscope.estimators.pair`) of the tuned (or base) model."""
+
+    def compute(inputs: MethodInputs, options: dict[str, Any]) -> Scores:
+        allowed = [o for o in pair_options(score) if o not in ("embeddings", "label_names")]
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise InfscopeError(
+                f"method {name!r} has no option {unknown[0]!r}; its options are {', '.join(allowed)}"
+            )
+        loaded = inputs.model(which)
+        encode = inputs.encode_options()
+        kwargs: dict[str, Any] = {
+            "max_length": encode["max_length"],
+            "batch_size": encode["batch_size"],
+            "response_only": encode["response_only"],
+            **options,
+        }
+        if score == "label_margin":
+            kwargs["label_names"] = encode["label_names"]
+        elif "seed" in pair_options(score):
+            kwargs.setdefault("seed", inputs.seed)
+        if kwargs.get("competitors") == "nearest":
+            from infscope.models.pair_losses import prompt_embeddings
+
+            kwargs["embeddings"] = prompt_embeddings(
+                loaded.model,
+                loaded.tokenizer,
+                inputs.rows(),
+                max_length=encode["max_length"],
+                batch_size=encode["batch_size"],
+            )
+        values = PAIR_SCORES[score](loaded.model, loaded.tokenizer, inputs.rows(), **kwargs)
+        meta = {"family": "pair", "model": which, **{k: v for k, v in kwargs.items() if k != "embeddings"}}
+        return baselines.from_values(values, inputs.train_ids, name, meta)
+
+    return compute
+
+
+def _pair_method(name: str, score: str, which: str, summary: str) -> Method:
+    task = "classification" if score == "label_margin" else "instruction"
+    return Method(name, (MODEL,), _pair(name, score, which), summary, family="pair", tasks=(task,))
+
+
 for _method in (
     _gradient_method(
         "datainf", "DataInf: closed-form inverse of each block's damped Fisher (Kwon et al. 2024)"
@@ -205,6 +252,19 @@ for _method in (
         (ALL_CHECKPOINTS, OPTIMIZER_STATE),
         _optimizer_aware("trackstar", TrackStar),
         "TrackStar: second-moment-corrected, projected, cosine over checkpoints (Chang et al. 2024)",
+    ),
+    _pair_method("pmi", "pmi", "checkpoint", "L(y|x) - L(y|no instruction) at the tuned model"),
+    _pair_method("ifd", "ifd", "checkpoint", "L(y|x) / L(y|no instruction) at the tuned model (IFD)"),
+    _pair_method("base_pmi", "pmi", "base", "pmi under the base model"),
+    _pair_method("base_ifd", "ifd", "base", "ifd under the base model"),
+    _pair_method(
+        "xprompt", "xprompt", "checkpoint", "own-instruction loss minus mean loss under K other instructions"
+    ),
+    _pair_method(
+        "xresponse", "xresponse", "checkpoint", "does this instruction fit other rows' responses as well"
+    ),
+    _pair_method(
+        "label_margin", "label_margin", "checkpoint", "best other label's logit minus the given label's"
     ),
     Method(
         "cartography",

@@ -63,6 +63,10 @@ class RunInputs:
         self.seed = run.spec.seed if seed is None else int(seed)
 
     @property
+    def task(self) -> str:
+        return self.run.spec.task
+
+    @property
     def train_ids(self) -> list[str]:
         return [str(r["id"]) for r in self.run.train]
 

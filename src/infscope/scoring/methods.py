@@ -38,8 +38,9 @@ def parse_methods(spec: str | Sequence[str], inputs: MethodInputs | None = None)
 
 
 def runnable(name: str, inputs: MethodInputs) -> bool:
-    """Whether every need of method ``name`` can be provided by ``inputs``."""
-    return all(inputs.available(need) for need in get_method(name).needs)
+    """Whether method ``name`` fits the run's task and every need can be provided by ``inputs``."""
+    method = get_method(name)
+    return inputs.task in method.tasks and all(inputs.available(need) for need in method.needs)
 
 
 def score_methods(
@@ -59,6 +60,11 @@ def score_methods(
     out: dict[str, Scores] = {}
     for name in methods:
         method = get_method(name)
+        if inputs.task not in method.tasks:
+            raise InfscopeError(
+                f"method {name} scores {' or '.join(method.tasks)} data, but this run is {inputs.task}; "
+                "choose another method (or 'all')"
+            )
         missing = [need for need in method.needs if not inputs.available(need)]
         if missing:
             raise InfscopeError(f"method {name} needs {', '.join(missing)}, which this run does not have")
