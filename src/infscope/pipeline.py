@@ -18,11 +18,9 @@ from typing import Any
 import pandas as pd
 
 from infscope.errors import InfscopeError
+from infscope.estimators.registry import DEFAULT_METHODS
 from infscope.runs import DataSource, ModelSpec, RunDir, RunRecord, atomic_write_json, read_jsonl
 from infscope.scoring.methods import parse_methods
-
-#: What ``infscope demo`` scores by default: the influence methods and the baselines at one checkpoint.
-DEMO_METHODS = ("datainf", "lissa", "exact", "hessian_free", "loss", "base_loss", "grad_norm", "random")
 
 CHECKPOINT_CHOICES = ("best", "last")
 #: The demo's noise: label-preserving grammar and quality noise, semantic noise, and enough
@@ -57,7 +55,7 @@ class PipelineConfig:
     lr: float = 2e-3
     batch_size: int = 8
     max_length: int = 128
-    methods: tuple[str, ...] = DEMO_METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     checkpoint: str = "best"
     attribution: bool = False
     seed: int = 0
@@ -66,7 +64,7 @@ class PipelineConfig:
     grad_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        self.methods = tuple(parse_methods(list(self.methods)))
+        self.methods = tuple(parse_methods(list(self.methods), keep_all=True))
         if not 0 <= self.noise_ratio <= 1:
             raise InfscopeError(f"noise ratio {self.noise_ratio} is outside [0, 1]; pass e.g. --ratio 0.2")
         if self.checkpoint not in CHECKPOINT_CHOICES:
@@ -263,20 +261,24 @@ def stage_score(run: RunDir, cfg: PipelineConfig) -> dict[str, Any]:
     """Gradients at the chosen checkpoint, then every configured method, as ``infscope score`` does."""
     from infscope.estimators.scores import Scores
     from infscope.scoring import score_run
-    from infscope.scoring.tables import MATRIX_SUFFIX, save_scores
+    from infscope.scoring.tables import MATRIX_SUFFIX, load_scores, save_scores
 
     if not run.done("score"):
         scored = score_run(run.path, cfg.methods, checkpoint=cfg.checkpoint, grad_dtype=cfg.grad_dtype)
         if cfg.attribution:
+            from infscope.estimators.registry import get_method
             from infscope.scoring import RunInputs, open_run, score_methods
             from infscope.scoring.methods import parse_methods
 
             opened = open_run(run.path)
             inputs = RunInputs(opened, opened.checkpoint(cfg.checkpoint), opened.val, aggregate=False)
-            matrices = score_methods(parse_methods(cfg.methods, inputs), inputs)
+            matrices = score_methods(
+                [m for m in parse_methods(cfg.methods, inputs) if get_method(m).per_query], inputs
+            )
             save_scores(run.layout, matrices, suffix=MATRIX_SUFFIX)
-        run.record = RunDir.open(run.path).record
-        return scored
+        return {m: s for m, s in scored.items() if "@" not in m}
+    if "all" in cfg.methods:
+        return {m: s for m, s in load_scores(run.layout).items() if "@" not in m}
     return {m: Scores.load(run.layout.scores(m)) for m in cfg.methods}
 
 

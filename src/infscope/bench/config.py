@@ -10,7 +10,7 @@ so a benchmark directory is readable and a rerun finds its finished runs again::
       datasets: [{name: sentence_transform, classes: 2, train_per_class: 6, val_per_class: 2}]
       noise: [{strategy: balanced, ratio: [0.1, 0.2]}]   # or {weights: {label: 1}, ratio: 0.2}
       models: [{name: tiny-llama, epochs: 1, max_length: 64}]
-      methods: [datainf, loss]                            # or [all]
+      methods: [datainf, loss]                            # or [default] or [all]
       seeds: [0, 1]
       attribution: false
 
@@ -347,7 +347,7 @@ def _parse_methods(value: Any, where: str) -> tuple[str, ...]:
 
     items = value.split(",") if isinstance(value, str) else _list(value, where)
     try:
-        return tuple(parse_methods([_str(m, where) for m in items]))
+        return tuple(parse_methods([_str(m, where) for m in items], keep_all=True))
     except InfscopeError as exc:
         raise _fail(where, str(exc)) from None
 
@@ -432,7 +432,7 @@ def _parse_grid(axes: Mapping[str, Any], where: str) -> Grid:
         datasets=datasets,
         noise=noise,
         models=models,
-        methods=_parse_methods(axes.get("methods", ["all"]), f"{where}.methods"),
+        methods=_parse_methods(axes.get("methods", ["default"]), f"{where}.methods"),
         seeds=_parse_seeds(axes.get("seeds", [0]), f"{where}.seeds"),
         attribution=_bool(axes.get("attribution", False), f"{where}.attribution"),
         peers=_parse_peers(axes.get("peers", []), f"{where}.peers"),

@@ -58,11 +58,14 @@ RESULTS_NAME, AGGREGATE_NAME, PEERS_NAME = "results", "aggregate", "peers"
 
 
 def _stage_costs(stages: Mapping[str, Any]) -> dict[str, float | None]:
+    """Seconds and peak MB per stage; the gradient passes of every checkpoint (``gradients:<tag>``) add up."""
     out: dict[str, float | None] = {}
     for stage in STAGES:
-        record = stages.get(stage) or {}
-        out[f"{stage}_seconds"] = record.get("seconds")
-        out[f"{stage}_peak_mb"] = record.get("peak_rss_mb")
+        records = [r for name, r in stages.items() if name == stage or name.startswith(f"{stage}:")]
+        seconds = [r.get("seconds") for r in records if r.get("seconds") is not None]
+        peaks = [r.get("peak_rss_mb") for r in records if r.get("peak_rss_mb") is not None]
+        out[f"{stage}_seconds"] = sum(seconds) if seconds else None
+        out[f"{stage}_peak_mb"] = max(peaks) if peaks else None
     return out
 
 
@@ -86,8 +89,9 @@ def run_rows(
 
     def method_costs(method: str) -> dict[str, Any]:
         row = board.get(method, {})
-        seconds = row.get("seconds", score_info.get("seconds", {}).get(method))
-        peak = row.get("peak_mb", score_info.get("peak_rss_mb", {}).get(method))
+        recorded = score_info.get("methods", {}).get(method, {})
+        seconds = row.get("seconds", recorded.get("seconds"))
+        peak = row.get("peak_mb", recorded.get("peak_rss_mb"))
         return {"method_seconds": seconds, "method_peak_mb": peak, **costs}
 
     rows: list[dict[str, Any]] = []

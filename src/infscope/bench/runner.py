@@ -119,9 +119,11 @@ def run_bench(
     root = ensure_writable_dir(out_dir)
     _write_manifest(spec, combos, root)
     if runner is None:
+        import functools
+
         from infscope import pipeline
 
-        runner = pipeline.run_pipeline
+        runner = functools.partial(pipeline.run_pipeline, kind="bench")
     result = BenchResult(root, results_frame([]), aggregate_results(results_frame([])))
     rows: list[dict] = []
     peers: list[dict] = []

@@ -18,7 +18,7 @@ axes:
     - {strategy: balanced, ratio: 0.2}
   models:
     - {name: tiny-llama, epochs: 2, max_length: 64}
-  methods: [all]
+  methods: [default]
   seeds: [0]
 """
 
@@ -35,7 +35,7 @@ axes:
   noise:
     - {weights: {grammar: 0.3, semantic: 0.2, quality: 0.2, response_swap: 0.3}, ratio: 0.2, label: demo}
   models: [smollm2-135m]
-  methods: [all]
+  methods: [default]
   seeds: [0, 1, 2]
   peers: [reference_datainf, kronfluence_ekfac, kronfluence_identity]
 """

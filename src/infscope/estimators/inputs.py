@@ -80,3 +80,42 @@ class MethodInputs(Protocol):
     def dynamics(self) -> pd.DataFrame: ...
 
     def encode_options(self) -> dict[str, Any]: ...
+
+
+class GradientInputs:
+    """Inputs made of gradient sets already in hand (and per-row losses, if any).
+
+    For library users and peers who hold gradients but no run: provides the train and query
+    gradients, the losses when given, and nothing that needs a model or checkpoints.
+    """
+
+    def __init__(
+        self,
+        train: GradientSet,
+        query: GradientSet,
+        losses: pd.DataFrame | None = None,
+        *,
+        seed: int = 0,
+        aggregate: bool = True,
+        task: str = "instruction",
+    ) -> None:
+        self._train, self._query, self._losses = train, query, losses
+        self.seed, self.aggregate, self.task = seed, aggregate, task
+
+    @property
+    def train_ids(self) -> list[str]:
+        return list(self._train.ids)
+
+    def available(self, need: str) -> bool:
+        return need in (TRAIN_GRADS, QUERY_GRADS) or (need == LOSSES and self._losses is not None)
+
+    def train_grads(self) -> GradientSet:
+        return self._train
+
+    def query_grads(self) -> GradientSet:
+        return self._query
+
+    def losses(self) -> pd.DataFrame:
+        if self._losses is None:
+            raise ValueError("no losses were given")
+        return self._losses

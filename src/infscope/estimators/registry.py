@@ -87,6 +87,8 @@ class Method:
 
 
 METHODS: dict[str, Method] = {}
+#: What ``--method default`` (and ``infscope demo``) scores: the influence methods and the baselines.
+DEFAULT_METHODS = ("datainf", "lissa", "exact", "hessian_free", "loss", "base_loss", "grad_norm", "random")
 
 
 def register(method: Method) -> Method:

@@ -19,6 +19,7 @@ from scipy.stats import spearmanr
 
 from infscope.peers.inputs import PeerInputs
 from infscope.peers.result import PeerResult
+from infscope.runs import RunLayout
 
 #: Peers that compute exactly our quantity (same damping) -> the method they must equal.
 SAME_QUANTITY = {"reference_datainf": "datainf", "kronfluence_identity": "hessian_free"}
@@ -26,13 +27,16 @@ SAME_QUANTITY = {"reference_datainf": "datainf", "kronfluence_identity": "hessia
 
 def our_scores(inputs: PeerInputs, methods: Sequence[str]) -> dict[str, tuple[np.ndarray, float]]:
     """Our scores and scoring seconds per method, computed now from the run's gradient stores."""
-    from infscope.scoring import score_methods
+    from infscope.estimators.inputs import GradientInputs
+    from infscope.scoring import runnable, score_methods
 
     losses = None
-    if inputs.run_dir is not None and (inputs.run_dir / "losses.parquet").exists():
-        losses = pd.read_parquet(inputs.run_dir / "losses.parquet")
-    wanted = [m for m in methods if m not in ("loss", "base_loss") or losses is not None]
-    scored = score_methods(wanted, inputs.train_grads, inputs.val_grads, losses, seed=inputs.seed)
+    if inputs.run_dir is not None and inputs.checkpoint is not None:
+        path = RunLayout(inputs.run_dir).losses(inputs.checkpoint, inputs.block_by)
+        losses = pd.read_parquet(path) if path.is_file() else None
+    given = GradientInputs(inputs.train_grads, inputs.val_grads, losses, seed=inputs.seed, task=inputs.task)
+    wanted = [m for m in methods if runnable(m, given)]
+    scored = score_methods(wanted, given)
     return {m: (s.vector(), float(s.meta["seconds"])) for m, s in scored.items()}
 
 

@@ -13,27 +13,34 @@ from typing import Any
 
 from infscope.errors import InfscopeError
 from infscope.estimators.inputs import MethodInputs
-from infscope.estimators.registry import METHODS, get_method
+from infscope.estimators.registry import DEFAULT_METHODS, METHODS, get_method
 from infscope.estimators.scores import Scores
 from infscope.runs import PeakMemory
 
 
-def parse_methods(spec: str | Sequence[str], inputs: MethodInputs | None = None) -> list[str]:
+def parse_methods(
+    spec: str | Sequence[str], inputs: MethodInputs | None = None, *, keep_all: bool = False
+) -> list[str]:
     """Turn ``"datainf,loss"`` into a validated, de-duplicated list of method names.
 
-    ``all`` (alone or in a list) expands to every registered method whose needs ``inputs`` can
-    provide (every method when ``inputs`` is ``None``).
+    ``default`` expands to :data:`~infscope.estimators.registry.DEFAULT_METHODS`. ``all`` expands
+    to every registered method whose needs ``inputs`` can provide (every method when ``inputs`` is
+    ``None``), or stays ``"all"`` with ``keep_all`` (a configuration resolved when the run exists).
     """
     names = [m.strip().lower() for m in (spec.split(",") if isinstance(spec, str) else spec) if m.strip()]
     out: list[str] = []
     for name in names:
-        if name == "all":
+        if name == "all" and keep_all:
+            expanded = ["all"]
+        elif name == "default":
+            expanded = list(DEFAULT_METHODS)
+        elif name == "all":
             expanded = [m.name for m in METHODS.values() if inputs is None or runnable(m.name, inputs)]
         else:
             expanded = [get_method(name).name]
         out.extend(m for m in expanded if m not in out)
     if not out:
-        raise InfscopeError("no method given; pass --method datainf,loss (or 'all')")
+        raise InfscopeError("no method given; pass --method datainf,loss (or 'default' or 'all')")
     return out
 
 
