@@ -1,0 +1,1 @@
+"""Actions on data: drop, reweight, relabel, repair, and the retrain loop."""
