@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -137,3 +139,139 @@ def test_compare_peers_table_against_independent_references():
     assert table.loc["ours:datainf", "auroc"] == pytest.approx(row["auroc"])
     assert isinstance(table.loc["kronfluence_ekfac", "error"], str)
     assert pd.isna(table.loc["kronfluence_ekfac", "auroc"])
+
+
+# ------------------------------------------------------------------ a run made by `infscope finetune` + score
+
+N_ROWS = 16
+BAD_IDS = ("r00", "r05", "r10", "r15")
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    """``infscope finetune`` on tiny-llama with a plain list of bad ids, then ``score_run``.
+
+    Returns the run, and the error PeerInputs.from_run gave between fine-tuning and scoring.
+    """
+    import json
+
+    from infscope.cli import main
+    from infscope.scoring import score_run
+
+    root = tmp_path_factory.mktemp("peers-run")
+    rows = [
+        {
+            "id": f"r{i:02d}",
+            "instruction": f"Repeat the number {i}",
+            "input": "",
+            "output": f"banana {7 * i}" if f"r{i:02d}" in BAD_IDS else f"The number is {i}.",
+        }
+        for i in range(N_ROWS)
+    ]
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bad = root / "bad.txt"
+    bad.write_text("\n".join(BAD_IDS) + "\n")
+    run = root / "run"
+    args = ["finetune", str(data), "--out", str(run), "--model", "tiny-llama", "--epochs", "2"]
+    args += ["--batch-size", "4", "--max-length", "32", "--val-fraction", "0.25", "--manifest", str(bad)]
+    assert main(args) == 0
+    try:
+        PeerInputs.from_run(run)
+        before = ""
+    except InfscopeError as exc:
+        before = str(exc)
+    score_run(run, ["datainf", "loss"])
+    return run, before
+
+
+def test_finetune_run_opens_in_peers_after_scoring(finetuned):
+    from infscope.estimators.scores import Scores
+    from infscope.models.encode import encode_rows
+    from infscope.models.registry import load_model
+    from infscope.peers.suite import gradient_seconds
+    from infscope.runs import RunDir, RunLayout, read_jsonl
+
+    run, before = finetuned
+    assert "no gradient stores; score it first" in before
+    inputs = PeerInputs.from_run(run)
+    layout, record = RunLayout(run), RunDir.open(run).record
+    train = read_jsonl(layout.train)
+    assert inputs.train_ids == [r["id"] for r in train] and len(train) == 12
+    assert inputs.checkpoint == Path(record.stages["score"]["info"]["checkpoint"])
+    assert inputs.block_by == "matrix" and layout.losses(inputs.checkpoint, inputs.block_by).is_file()
+    # the user's list: listed training rows noisy, every other training row clean, validation ids left out
+    truth = inputs.manifest.set_index("id")["is_noisy"]
+    assert list(truth.index) == inputs.train_ids
+    assert truth.to_dict() == {i: i in BAD_IDS for i in inputs.train_ids}
+    # only the tokenizer was loaded, and it encodes exactly like the model's own
+    ours = inputs.encode(train)
+    reference = encode_rows(train, load_model("tiny-llama").tokenizer, task="instruction", max_length=32)
+    assert ours.input_ids == reference.input_ids and ours.labels == reference.labels
+    # the plain float64 loop on the same stores equals the DataInf scores the run saved
+    result = run_peer("reference_datainf", inputs)
+    saved = Scores.load(layout.scores("datainf"))
+    assert result.ok and saved.train_ids == inputs.train_ids
+    assert max_rel_diff(result.scores, saved.vector()) < 1e-4
+    tag = f"gradients:{inputs.checkpoint.name}"
+    assert gradient_seconds(run) == record.stages[tag]["seconds"]
+
+
+def test_peers_follow_the_scored_checkpoint_and_blocks(finetuned, tmp_path):
+    import shutil
+
+    from infscope.scoring import score_run
+
+    run = Path(shutil.copytree(finetuned[0], tmp_path / "run"))
+    score_run(run, ["hessian_free"], checkpoint="epoch-1", block_by="layer")
+    inputs = PeerInputs.from_run(run)
+    assert inputs.checkpoint.name == "epoch-1" and inputs.block_by == "layer"
+    assert len(inputs.tracked_modules) == 2  # tiny-llama: one block per decoder layer
+    shutil.rmtree(run / "scoring" / "epoch-1-layer")  # stores gone: fall back to the best checkpoint's
+    fallback = PeerInputs.from_run(run)
+    best = fallback.checkpoints[-1] if fallback.checkpoint.name == "epoch-2" else fallback.checkpoint
+    assert fallback.block_by == "matrix" and fallback.checkpoint.name == best.name
+    assert len(fallback.tracked_modules) > 2
+
+
+def test_report_of_the_finetune_run_matches_sklearn(finetuned):
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    from infscope.report import collect
+
+    run, _ = finetuned
+    data = collect(run, top_k=3)
+    assert data["run"]["kind"] == "finetune" and data["run"]["manifest"].endswith("bad.txt")
+    for row in data["leaderboard"]:
+        table = pd.read_parquet(run / "results" / f"{row['method']}.parquet")
+        truth = [i in BAD_IDS for i in table["id"]]
+        assert row["auroc"] == pytest.approx(roc_auc_score(truth, table["score"]), abs=1e-12)
+        assert row["k"] == sum(truth)
+    stages = [s["stage"] for s in data["stages"]]
+    assert stages[:2] == ["data", "finetune"] and stages[-1] == "score"
+    assert any(s.startswith("gradients:epoch-") for s in stages)
+
+
+def test_peer_suite_on_the_finetune_run_saves_under_the_run_layout(finetuned, tmp_path):
+    import shutil
+
+    from sklearn.metrics import roc_auc_score
+
+    from infscope.peers.suite import run_peer_suite
+    from infscope.runs import RunDir, RunLayout
+
+    run = Path(shutil.copytree(finetuned[0], tmp_path / "run"))
+    layout = RunLayout(run)
+    table = run_peer_suite(run, ["reference_datainf"], isolate=False).set_index("method")
+    stages = RunDir.open(run).record.stages
+    tag = "gradients:" + Path(stages["score"]["info"]["checkpoint"]).name
+    assert table.loc["ours:gradients", "seconds"] == stages[tag]["seconds"]
+    row = table.loc["reference_datainf"]
+    assert row["vs"] == "datainf" and row["rel_diff"] < 1e-4
+    inputs = PeerInputs.from_run(run)
+    truth = [i in BAD_IDS for i in inputs.train_ids]
+    scores = run_peer("reference_datainf", inputs).scores
+    assert row["auroc"] == pytest.approx(roc_auc_score(truth, scores), abs=1e-6)
+    assert (layout.peers / "peers.json").is_file() and (layout.peers / "peers.csv").is_file()
+    assert (layout.peer_part("reference_datainf") / "result.json").is_file()

@@ -19,10 +19,12 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from infscope.cli import main
 from infscope.errors import InfscopeError
+from infscope.estimators.scores import Scores
 from infscope.report import collect, write_report
 from infscope.report.diff import tokenize, word_diff_html
 from infscope.report.html import json_for_script, render_html
 from infscope.report.png import matplotlib_available
+from infscope.runs import ModelSpec, RunDir, RunLayout, RunRecord
 
 N_ROWS = 40
 FAMILIES = {"grammar": range(0, 5), "semantic": range(5, 9), "quality": range(9, 12)}
@@ -83,14 +85,56 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
 
 
-def make_run(root: Path, task: str = "instruction") -> Path:
-    """A finished run directory as the pipeline lays it out, with known scores."""
-    run = root / "run"
-    rows, clean, manifest = _rows_and_manifest(task)
-    _write_jsonl(run / "data" / "train.jsonl", rows)
-    _write_jsonl(run / "data" / "train.clean.jsonl", clean)
-    _write_jsonl(run / "data" / "manifest.jsonl", manifest)
-    (run / "results").mkdir(parents=True)
+def _fake_finetune(layout: RunLayout) -> None:
+    """The files a finished fine-tuning leaves that opening a run reads (checkpoint list, trainer state)."""
+    checkpoint = layout.finetune / "checkpoints" / "epoch-1"
+    checkpoint.mkdir(parents=True)
+    info = {"path": str(checkpoint), "epoch": 1, "step": 5, "lr": 0.0, "val_loss": 1.0, "train_loss": 1.5}
+    (layout.finetune / "checkpoints.json").write_text(json.dumps({"checkpoints": [info]}))
+    config = {"lr": 1e-3, "warmup_ratio": 0.0, "schedule": "linear"}
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"config": config}))
+
+
+STAGES = {  # run.json keeps keys sorted: "order" says in which order the stages ran
+    "data": {"order": 1, "seconds": 0.5, "peak_rss_mb": 100.0, "info": {}},
+    "finetune": {"order": 3, "seconds": 12.25, "peak_rss_mb": 900.5, "info": {}},
+    "gradients:epoch-1": {"order": 4, "seconds": 2.0, "peak_rss_mb": 500.0, "info": {}},
+    "noise": {"order": 2, "seconds": 0.25, "peak_rss_mb": 110.0, "info": {}},
+    "score": {
+        "order": 5,
+        "seconds": 3.0,
+        "peak_rss_mb": 300.0,
+        "info": {"checkpoint_tag": "epoch-1", "methods": {"datainf": {"seconds": 0.75, "peak_rss_mb": 40.0}}},
+    },
+}
+
+
+def make_run(
+    root: Path, task: str = "instruction", *, kind: str = "demo", manifest: Path | None = None
+) -> Path:
+    """A finished run as ``infscope demo`` lays it out (``kind="finetune"``: no clean rows, and the
+    manifest, if any, outside the run at ``manifest``), with known scores."""
+    rows, clean, records = _rows_and_manifest(task)
+    labels = [0, 1, 2] if task == "classification" else None
+    demo = kind == "demo"
+    record = RunRecord(
+        kind=kind,
+        model=ModelSpec(name="tiny-llama", task=task, label_names=labels),
+        manifest="data/manifest.jsonl" if demo else (str(manifest) if manifest else None),
+        args={"model": "tiny", "note": "</script><!-- arg"},
+        versions={"python": "3.11"},
+        created="2025-01-01T00:00:00",
+        stages=json.loads(json.dumps(STAGES)),
+    )
+    layout = RunDir.create(root / "run", record).layout
+    _write_jsonl(layout.train, rows)
+    _write_jsonl(layout.val, rows[:2])
+    if demo:
+        _write_jsonl(layout.train_clean, clean)
+        _write_jsonl(layout.manifest, records)
+    elif manifest is not None:
+        _write_jsonl(manifest, records)
+    _fake_finetune(layout)
     ids = np.array([r["id"] for r in rows])
     shuffle = np.random.default_rng(1).permutation(N_ROWS)  # tables need not be in manifest order
     for method, values in _scores().items():
@@ -98,29 +142,10 @@ def make_run(root: Path, task: str = "instruction") -> Path:
         ranks = np.empty(N_ROWS, dtype=np.int64)
         ranks[order] = np.arange(1, N_ROWS + 1)
         frame = pd.DataFrame({"id": ids, "score": values, "rank": ranks, "is_flagged": ranks <= 4})
-        frame.iloc[shuffle].to_parquet(run / "results" / f"{method}.parquet", index=False)
-    (run / "scores").mkdir()
-    np.savez(
-        run / "scores" / "loss.npz",
-        values=_scores()["loss"],
-        meta_json=np.asarray(json.dumps({"seconds": 1.5})),
-    )
-    record = {
-        "args": {"model": "tiny", "note": "</script><!-- arg"},
-        "versions": {"python": "3.11"},
-        "created": "2025-01-01T00:00:00",
-        "stages": {
-            "data": {"seconds": 0.5, "peak_rss_mb": 100.0, "info": {}},
-            "finetune": {"seconds": 12.25, "peak_rss_mb": 900.5, "info": {}},
-            "score": {
-                "seconds": 3.0,
-                "peak_rss_mb": 300.0,
-                "info": {"methods": {"datainf": {"seconds": 0.75}}},
-            },
-        },
-    }
-    (run / "run.json").write_text(json.dumps(record))
-    return run
+        layout.results_dir.mkdir(exist_ok=True)
+        frame.iloc[shuffle].to_parquet(layout.results(method), index=False)
+    Scores(_scores()["loss"], list(ids), method="loss", meta={"seconds": 1.5}).save(layout.scores("loss"))
+    return layout.root
 
 
 @pytest.fixture
@@ -157,6 +182,7 @@ def test_leaderboard_matches_sklearn(run_dir):
     assert board["loss"]["n_flagged"] == 4
     assert board["loss"]["seconds"] == 1.5  # from scores/loss.npz metadata
     assert board["datainf"]["seconds"] == 0.75  # from run.json stages.score.info.methods
+    assert board["datainf"]["peak_rss_mb"] == 40.0
     assert board["random"]["seconds"] is None
 
 
@@ -208,8 +234,8 @@ def test_histograms_and_spearman_match_numpy_scipy(run_dir):
 
 def test_stages_come_from_run_json(run_dir):
     stages = collect(run_dir)["stages"]
-    assert [s["stage"] for s in stages] == ["data", "finetune", "score"]
-    assert stages[1] == {"stage": "finetune", "seconds": 12.25, "peak_rss_mb": 900.5}
+    assert [s["stage"] for s in stages] == ["data", "noise", "finetune", "gradients:epoch-1", "score"]
+    assert stages[2] == {"stage": "finetune", "seconds": 12.25, "peak_rss_mb": 900.5}
 
 
 def test_flagged_rows_are_top_k_with_noise_and_text(run_dir):
@@ -252,6 +278,78 @@ def test_run_without_noise_reports_undefined_metrics(run_dir):
     assert all(c["roc"] == {"fpr": [], "tpr": []} for c in data["curves"].values())
     page = render_html(data)
     assert "No noisy rows with a family." in page and page.count('data-family="clean"') == 6
+
+
+# ------------------------------------------------------------------ finetune runs and users' manifests
+
+
+def test_finetune_run_reads_its_manifest_outside_the_run(tmp_path):
+    outside = tmp_path / "elsewhere" / "data.manifest.jsonl"
+    run = make_run(tmp_path, kind="finetune", manifest=outside)
+    data = collect(run, top_k=5)
+    noisy, families = _truth()
+    board = {e["method"]: e for e in data["leaderboard"]}
+    for method, values in _scores().items():
+        assert board[method]["auroc"] == pytest.approx(roc_auc_score(noisy, values), abs=1e-12)
+    assert data["run"]["manifest"] == str(outside) and data["run"]["kind"] == "finetune"
+    assert data["run"]["checkpoint"] == "epoch-1" and data["family_auroc"]["families"] == sorted(FAMILIES)
+    _, _, manifest = _rows_and_manifest()
+    for row in data["flagged"]:  # no clean copy in a finetune run: the manifest's original text
+        assert row["original_text"] == (manifest[int(row["id"][1:])]["original"] or "")
+
+
+def test_finetune_run_whose_manifest_moved_says_where_it_was(tmp_path):
+    outside = tmp_path / "elsewhere" / "data.manifest.jsonl"
+    run = make_run(tmp_path, kind="finetune", manifest=outside)
+    outside.unlink()
+    with pytest.raises(InfscopeError, match=f"has no {re.escape(str(outside))} .*put the file back"):
+        collect(run)
+
+
+def test_users_list_of_bad_ids_replaces_the_manifest(run_dir, tmp_path):
+    bad = ["r00", "r07", "r30"]
+    ids_file = tmp_path / "bad.txt"
+    ids_file.write_text("\n".join([*bad, "val-1"]) + "\n")  # val-1 is no training row
+    data = collect(run_dir, manifest=ids_file)
+    truth = np.array([f"r{i:02d}" in bad for i in range(N_ROWS)])
+    board = {e["method"]: e for e in data["leaderboard"]}
+    for method, values in _scores().items():
+        assert board[method]["auroc"] == pytest.approx(roc_auc_score(truth, values), abs=1e-12)
+        assert board[method]["k"] == 3
+    assert data["run"]["n_noisy"] == 3 and data["family_auroc"]["families"] == []  # no family given
+    assert any("1 manifest rows are not training rows" in w for w in data["warnings"])
+    assert "No noisy rows with a family." in render_html(data)
+
+
+def test_finetune_run_without_manifest_is_reported_with_a_warning(tmp_path):
+    data = collect(make_run(tmp_path, kind="finetune"), top_k=2)
+    assert data["run"]["n_noisy"] == 0 and data["run"]["manifest"] == ""
+    assert all(e["auroc"] is None for e in data["leaderboard"])
+    assert any("no manifest of known-bad rows" in w for w in data["warnings"])
+    values = _scores()["loss"]
+    hist = data["distributions"]["loss"]
+    assert hist["clean"] == np.histogram(values, bins=np.histogram_bin_edges(values, bins=20))[0].tolist()
+    assert "no manifest" in render_html(data)
+
+
+def test_histogram_counts_match_a_plain_loop_and_constant_scores_correlate_as_none():
+    from infscope.report.collect import score_histograms, spearman_matrix
+
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=60)
+    noisy = rng.random(60) < 0.3
+    hist = score_histograms(values, noisy, bins=7)
+    edges = hist["edges"]
+    for name, flag in (("clean", False), ("noisy", True)):
+        counts = [0] * 7
+        for value, is_noisy in zip(values, noisy, strict=True):
+            if bool(is_noisy) == flag:
+                counts[min(int(np.searchsorted(edges, value, side="right")) - 1, 6)] += 1
+        assert hist[name] == counts
+    table = pd.DataFrame({"a": values, "b": np.round(values, 0), "flat": np.ones(60)})
+    corr = spearman_matrix(table)
+    assert corr[0][1] == pytest.approx(spearmanr(values, np.round(values, 0)).statistic, abs=1e-12)
+    assert corr[0][2] is None and corr[2][2] is None
 
 
 # ------------------------------------------------------------------ escaping and self-containment
@@ -314,11 +412,11 @@ def test_word_diff_marks_changed_words():
 
 
 def test_missing_results_and_manifest_raise_clear_errors(run_dir):
+    (run_dir / "data" / "manifest.jsonl").unlink()  # the manifest the run recorded is gone
+    with pytest.raises(InfscopeError, match=r"no data/manifest\.jsonl.*infscope"):
+        collect(run_dir)
     shutil.rmtree(run_dir / "results")
     with pytest.raises(InfscopeError, match=r"no results/<method>\.parquet.*infscope demo"):
-        collect(run_dir)
-    (run_dir / "data" / "manifest.jsonl").unlink()
-    with pytest.raises(InfscopeError, match=r"no data/manifest\.jsonl.*infscope"):
         collect(run_dir)
 
 

@@ -3,7 +3,7 @@
 A peer must see exactly what our estimators saw: the same base model with the same LoRA adapter
 checkpoint, the same encoded training and validation rows, the same tracked LoRA modules (the
 gradient store's block names) and the same noise manifest. :meth:`PeerInputs.from_run` reads them
-from a run directory written by :func:`infscope.pipeline.run_pipeline`;
+from a run directory through :func:`infscope.scoring.run.open_run`;
 :meth:`PeerInputs.from_gradients` wraps bare gradient sets (enough for the reference loop).
 """
 
@@ -17,8 +17,14 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
+from infscope.data.manifest import manifest_for_ids, read_manifest
 from infscope.errors import InfscopeError
 from infscope.grads.base import GradientSet
+from infscope.grads.store import INDEX_FILE, GradientStore
+from infscope.models.registry import load_spec, load_tokenizer
+from infscope.runs import RunLayout
+from infscope.runs.layout import BLOCK_BY_DEFAULT
+from infscope.scoring.run import OpenedRun, open_run
 
 
 @dataclass
@@ -29,7 +35,8 @@ class PeerInputs:
     may wrap or modify it freely. ``task`` is ``"instruction"`` or ``"classification"``.
     ``checkpoints`` lists every adapter checkpoint path in epoch order (cleanlab uses the first).
     ``encoder`` (rows -> :class:`~infscope.models.encode.Encoded`) replaces the tokenizer when set
-    (tests with hand-made token ids).
+    (tests with hand-made token ids). ``block_by`` is the gradient stores' block grouping
+    (with ``checkpoint``, it names the run's per-row losses: ``RunLayout.losses``).
     """
 
     train_grads: GradientSet
@@ -48,6 +55,7 @@ class PeerInputs:
     run_dir: Path | None = None
     seed: int = 0
     encoder: Callable[[list[dict]], Any] | None = None
+    block_by: str = BLOCK_BY_DEFAULT
 
     @property
     def train_ids(self) -> list[str]:
@@ -89,7 +97,7 @@ class PeerInputs:
         """Our saved :class:`~infscope.estimators.scores.Scores` of ``method`` in this run, or ``None``."""
         if self.run_dir is None:
             return None
-        path = self.run_dir / "scores" / f"{method}.npz"
+        path = RunLayout(self.run_dir).scores(method)
         if not path.exists():
             return None
         from infscope.estimators.scores import Scores
@@ -103,67 +111,77 @@ class PeerInputs:
 
     @classmethod
     def from_run(cls, run_dir: str | Path) -> PeerInputs:
-        """Read a finished run (``infscope demo`` or ``infscope finetune`` + ``score``) with gradients.
+        """Read a finished run (``infscope demo``, or ``infscope finetune`` + ``score``) with gradients.
 
-        The scored checkpoint is the one the training gradient store was computed at, so peers
-        and our estimators look at the same adapter.
+        The gradient stores are the ones ``infscope score`` recorded (its checkpoint and block
+        grouping, :func:`gradient_stores`), so peers and our estimators look at the same adapter.
+        Only the tokenizer is loaded here; ``load_model()`` builds the model when a peer needs it.
         """
-        from infscope.grads.store import GradientStore
-        from infscope.scoring import open_finetuned_run
-
-        run_dir = Path(run_dir)
-        run = open_finetuned_run(run_dir)
-        grads_dir = run_dir / "grads"
-        if not (grads_dir / "train").exists() or not (grads_dir / "val").exists():
-            raise InfscopeError(
-                f"run {run_dir} has no gradient stores; score it first (`infscope score {run_dir}`)"
-            )
-        train_grads = GradientStore.open(grads_dir / "train")
-        checkpoint = Path(train_grads.meta.get("checkpoint") or run.best.path)
+        run = open_run(run_dir)
+        checkpoint_path, block_by = gradient_stores(run)
+        layout = run.layout
+        train_grads = GradientStore.open(layout.grads(checkpoint_path, "train", block_by))
+        checkpoint = Path(train_grads.meta.get("checkpoint") or checkpoint_path)
         spec = run.spec
-        base = spec.load_base()
 
         def load_model(path: Path | None = None, attn_implementation: str | None = None) -> nn.Module:
-            """Fresh base model (as ``spec.load_base``) with the adapter at ``path`` (default: scored)."""
-            import torch
+            """Fresh base model (as the run was tuned) with the adapter at ``path`` (default: scored)."""
+            from infscope.models.lora import load_adapter  # peft loads only when a peer needs the model
 
-            from infscope.models.lora import load_adapter
-            from infscope.models.registry import load_model as load
-
-            torch.manual_seed(spec.seed)
-            classes = (
-                len(spec.label_names) if spec.model_task == "classification" and spec.label_names else None
-            )
-            base = load(
-                spec.name,
-                task=spec.model_task,
-                num_labels=classes,
-                device=spec.device,
-                dtype=spec.dtype,
-                seed=spec.seed,
-                attn_implementation=attn_implementation,
-            )
-            return load_adapter(base, path or checkpoint)
+            return load_adapter(load_spec(spec, attn_implementation=attn_implementation), path or checkpoint)
 
         manifest = None
-        if run.manifest is not None and Path(run.manifest).is_file():
-            from infscope.data.manifest import read_manifest
-
-            manifest = read_manifest(run.manifest)
+        if run.manifest is not None:
+            manifest = manifest_for_ids(read_manifest(run.manifest), train_grads.ids)
         return cls(
             train_grads=train_grads,
-            val_grads=GradientStore.open(grads_dir / "val"),
+            val_grads=GradientStore.open(layout.grads(checkpoint_path, "val", block_by)),
             task=spec.task,
             train_rows=list(run.train),
             val_rows=list(run.val),
             label_names=spec.label_names,
             load_model=load_model,
-            tokenizer=base.tokenizer,
+            tokenizer=load_tokenizer(spec),
             max_length=spec.max_length,
             batch_size=spec.batch_size,
             checkpoint=checkpoint,
             checkpoints=[Path(c.path) for c in run.checkpoints],
             manifest=manifest,
-            run_dir=run_dir,
+            run_dir=run.path,
             seed=spec.seed,
+            block_by=block_by,
         )
+
+
+def _has_stores(layout: RunLayout, checkpoint: str, block_by: str) -> bool:
+    return all(
+        (layout.grads(checkpoint, split, block_by) / INDEX_FILE).is_file() for split in ("train", "val")
+    )
+
+
+def gradient_stores(run: OpenedRun) -> tuple[str, str]:
+    """The ``(checkpoint path, block_by)`` whose train and validation gradient stores peers read.
+
+    First the checkpoint and block grouping ``infscope score`` recorded (stage ``score``), then the
+    best checkpoint with that grouping, then the best with the default grouping. Peers compare on
+    the validation rows, so a run scored only against another ``--query`` needs ``infscope score``
+    once more without it.
+    """
+    info = run.dir.stage_info("score")
+    block_by = str(info.get("block_by") or BLOCK_BY_DEFAULT)
+    candidates = [
+        (info.get("checkpoint"), block_by),
+        (run.best.path, block_by),
+        (run.best.path, BLOCK_BY_DEFAULT),
+    ]
+    for checkpoint, blocks in candidates:
+        if checkpoint and _has_stores(run.layout, str(checkpoint), blocks):
+            return str(checkpoint), blocks
+    if info.get("query") not in (None, "val"):
+        raise InfscopeError(
+            f"run {run.path} was scored against another query, and peers compare on the validation rows; "
+            f"run `infscope score {run.path}` without --query first"
+        )
+    raise InfscopeError(
+        f"run {run.path} has no gradient stores; score it first (`infscope score {run.path}`)"
+    )

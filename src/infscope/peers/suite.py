@@ -18,11 +18,15 @@ import pandas as pd
 
 from infscope.errors import InfscopeError
 from infscope.peers.worker import read_result, write_result
-from infscope.runs import atomic_write_json, atomic_write_text
+from infscope.runs import RunDir, RunLayout, atomic_write_json, atomic_write_text
+from infscope.runs.layout import BLOCK_BY_DEFAULT
+from infscope.scoring import gradient_stage_name
+from infscope.scoring.run import Checkpoint
 
-PEERS_DIR = "peers"
+# Names as RunLayout spells them, for callers that build paths under another --out directory.
+PEERS_DIR = RunLayout("").peers.name
 #: Under the peers directory: one folder per finished peer, so an interrupted suite resumes peer by peer.
-PARTS_DIR = "parts"
+PARTS_DIR = RunLayout("").peer_part("-").parent.name
 
 
 def peer_names(value: str | Sequence[str]) -> list[str]:
@@ -42,12 +46,25 @@ def peer_names(value: str | Sequence[str]) -> list[str]:
 
 
 def gradient_seconds(run_dir: str | Path) -> float | None:
-    """Seconds the pipeline spent on the train/validation gradient pass (``run.json``), if recorded."""
+    """Seconds the run spent on the gradient pass that peers compare against, if recorded.
+
+    That is the stage ``gradients:<checkpoint>[-<block_by>]`` of the checkpoint and block grouping
+    ``infscope score`` recorded (runs of older versions: the stage ``gradients``).
+    """
     try:
-        stages = json.loads((Path(run_dir) / "run.json").read_text()).get("stages", {})
-        return float(stages["gradients"]["seconds"])
-    except (OSError, ValueError, KeyError, TypeError):
+        run = RunDir.open(run_dir)
+    except InfscopeError:
         return None
+    info = run.stage_info("score")
+    names = ["gradients"]
+    if info.get("checkpoint"):
+        scored = Checkpoint(path=str(info["checkpoint"]), epoch=None, step=None, lr=None)
+        names.insert(0, gradient_stage_name(scored, str(info.get("block_by") or BLOCK_BY_DEFAULT)))
+    for name in names:
+        seconds = run.record.stages.get(name, {}).get("seconds")
+        if seconds is not None:
+            return float(seconds)
+    return None
 
 
 def load_peer_table(run_dir: str | Path, names: Sequence[str]) -> pd.DataFrame | None:
@@ -56,7 +73,7 @@ def load_peer_table(run_dir: str | Path, names: Sequence[str]) -> pd.DataFrame |
     A table made for more peers is returned whole: its extra rows were paid for already. A peer
     that was "not installed" then does not count, so installing it and rerunning fills its row.
     """
-    path = Path(run_dir) / PEERS_DIR / "peers.json"
+    path = RunLayout(run_dir).peers / "peers.json"
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -139,7 +156,8 @@ def run_peer_suite(
     from infscope.peers.registry import run_peer
 
     names = list(names)
-    out = Path(out_dir) if out_dir is not None else Path(run_dir) / PEERS_DIR
+    layout = RunLayout(run_dir)
+    out = Path(out_dir) if out_dir is not None else layout.peers
     if resume and out_dir is None:
         saved = load_peer_table(run_dir, names)
         if saved is not None:
@@ -147,7 +165,7 @@ def run_peer_suite(
     inputs = None if isolate else PeerInputs.from_run(run_dir)  # children load their own copy
     results = []
     for name in names:
-        part = out / PARTS_DIR / name
+        part = out / layout.peer_part(name).relative_to(layout.peers)
         result = _finished_part(part) if resume else None
         if result is None:
             if log is not None:

@@ -1,31 +1,40 @@
 """Gather everything a report shows from a run directory into one JSON-serialisable dict.
 
+The run is read the way every command reads it: :func:`infscope.scoring.run.open_run` gives the
+record, the training rows and the manifest (which for ``infscope finetune`` runs may live outside
+the run), and :class:`~infscope.runs.RunLayout` names the ranked tables and saved scores.
+
 The report never trusts ``evaluation.json``: every number is recomputed here from the ranked
 tables in ``results/`` and the ground-truth manifest, with :mod:`infscope.evaluate.detection`
 (so the report and ``infscope evaluate`` share one definition of AUROC, AP and P@k). Rendering
 (:mod:`infscope.report.html`) only formats this dict, which keeps the numbers testable alone.
 
-Per-family AUROC compares the noisy rows of one family against all clean rows (the definition of
-:func:`infscope.evaluate.detection.group_reports`). ``P@k`` uses ``k`` = number of noisy rows.
+The manifest is lined up with the training rows (:func:`infscope.data.manifest.manifest_for_ids`):
+rows it does not list are clean, so a user's short list of known-bad ids is enough. A run without
+any manifest is still reported (distributions, flagged rows, cost), with undefined detection metrics
+and a warning. Per-family AUROC compares the noisy rows of one family against all clean rows (the
+definition of :func:`infscope.evaluate.detection.group_reports`). ``P@k`` uses ``k`` = number of
+noisy rows.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from infscope.data.manifest import NOT_IN_TRAINING, manifest_for_ids, read_manifest
 from infscope.errors import InfscopeError
+from infscope.estimators.scores import Scores
 from infscope.evaluate.detection import detection_report
+from infscope.runs import RunLayout, RunRecord, read_jsonl
+from infscope.scoring.run import OpenedRun, open_run
 
-RESULTS_DIR = "results"
-MANIFEST_PATH = ("data", "manifest.jsonl")
-TRAIN_PATH = ("data", "train.jsonl")
-CLEAN_PATH = ("data", "train.clean.jsonl")
 HIST_BINS = 20
 INSTRUCTION_FIELDS = ("instruction", "input", "output")
 CLASSIFICATION_FIELDS = ("text", "text_b", "label")
@@ -43,37 +52,14 @@ def _finite(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file, or an empty list when the file is absent (rows are optional context)."""
-    if not path.exists():
-        return []
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return [json.loads(line) for line in handle if line.strip()]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InfscopeError(
-            f"cannot read {path} ({exc}); regenerate the run's data with `infscope demo`"
-        ) from None
-
-
-def read_run_record(run_dir: Path) -> dict[str, Any]:
-    """``run.json`` of the run (empty dict if it is missing: the report still works without it)."""
-    path = run_dir / "run.json"
-    if not path.exists():
-        return {}
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InfscopeError(f"cannot read {path} ({exc}); fix or delete the file and rerun") from None
-    return record if isinstance(record, dict) else {}
-
-
-def read_results(run_dir: Path) -> dict[str, pd.DataFrame]:
-    """Every ``results/<method>.parquet`` table, keyed by method name (sorted)."""
-    results_dir = run_dir / RESULTS_DIR
+def read_results(layout: RunLayout) -> dict[str, pd.DataFrame]:
+    """Every ``results/<method>.parquet`` table of the run, keyed by method name (sorted)."""
+    results_dir = layout.results_dir
     paths = sorted(results_dir.glob("*.parquet")) if results_dir.is_dir() else []
     if not paths:
-        raise InfscopeError(f"{run_dir} has no {RESULTS_DIR}/<method>.parquet tables; {MAKE_RESULTS}")
+        raise InfscopeError(
+            f"{layout.root} has no {results_dir.name}/<method>.parquet tables; {MAKE_RESULTS}"
+        )
     tables: dict[str, pd.DataFrame] = {}
     for path in paths:
         try:
@@ -90,26 +76,46 @@ def read_results(run_dir: Path) -> dict[str, pd.DataFrame]:
     return tables
 
 
-def read_run_manifest(run_dir: Path) -> pd.DataFrame:
-    """The ground-truth manifest of the run, with a clear error naming the command that writes it."""
-    from infscope.data.manifest import read_manifest
+def run_manifest(
+    run: OpenedRun, train_ids: list[str], given: str | os.PathLike | None = None
+) -> tuple[pd.DataFrame, Path | None, list[str]]:
+    """The run's manifest lined up with its training rows, where it came from, and warnings.
 
-    path = run_dir.joinpath(*MANIFEST_PATH)
-    if not path.exists():
-        raise InfscopeError(
-            f"{run_dir} has no {'/'.join(MANIFEST_PATH)}; run `infscope demo --out RUN` (or `infscope noise`) to make it"
+    ``given`` (a user's file) wins over the run's own (:attr:`OpenedRun.manifest`). A manifest the
+    run recorded but that is gone is an error; a run that never had one gets an all-clean manifest
+    and a warning, so its report still shows scores, flagged rows and cost.
+    """
+    warnings: list[str] = []
+    path = Path(given) if given is not None else run.manifest
+    if path is None:
+        recorded = run.record.manifest
+        if recorded:
+            fix = (
+                "rerun `infscope demo --out RUN` (or `infscope noise`) to make it"
+                if run.record.kind in ("demo", "bench")
+                else "put the file back there"
+            )
+            raise InfscopeError(f"{run.path} has no {recorded} (the manifest it recorded); {fix}")
+        warnings.append(
+            "no manifest of known-bad rows, so detection metrics are undefined; give one to "
+            "`infscope finetune --manifest FILE` (a noise manifest, id + is_noisy JSONL, or ids one a line)"
         )
-    return read_manifest(path)
+        return manifest_for_ids(None, train_ids), None, warnings
+    manifest = read_manifest(path, train_ids=train_ids)
+    dropped = manifest.attrs.get(NOT_IN_TRAINING, 0)
+    if dropped:
+        warnings.append(f"{dropped} manifest rows are not training rows (validation split?) and are left out")
+    return manifest, path, warnings
 
 
 def _align(frame: pd.DataFrame, ids: pd.Index, method: str) -> pd.DataFrame:
-    """A method's table reindexed to manifest order; every manifest id needs exactly one score."""
+    """A method's table reindexed to training-row order; every training row needs exactly one score."""
     indexed = frame.set_index("id")
     missing = ids.difference(indexed.index)
     extra = indexed.index.difference(ids)
     if len(missing) or len(extra):
         sample = ", ".join(map(str, (missing if len(missing) else extra)[:3]))
-        what = "has no score for" if len(missing) else "scores ids not in the manifest:"
+        what = "has no score for" if len(missing) else "scores ids that are not training rows:"
         raise InfscopeError(
             f"results/{method}.parquet {what} {sample}; score the run's own training rows again"
         )
@@ -122,47 +128,32 @@ def _align(frame: pd.DataFrame, ids: pd.Index, method: str) -> pd.DataFrame:
     return aligned
 
 
-def method_seconds(run_dir: Path, record: dict[str, Any], method: str) -> dict[str, float | None]:
+def method_seconds(layout: RunLayout, record: RunRecord, method: str) -> dict[str, float | None]:
     """Scoring time and peak memory of one method.
 
-    Looked up, in order, in the metadata of ``scores/<method>.npz`` (what the pipeline's scorer
-    records), then in ``run.json``: a stage named after the method (``score:<m>``, ``score_<m>``,
-    ``<m>``) or ``stages.score.info.methods[<m>]``. Missing values are ``None``.
+    Looked up in the metadata of ``scores/<method>.npz`` (what scoring records with each Scores),
+    then in the ``score`` stage of ``run.json`` (``info.methods[<method>]``). Missing values are
+    ``None``.
     """
-    npz = run_dir / "scores" / f"{method}.npz"
-    if npz.exists():
+    path = layout.scores(method)
+    if path.is_file():
         try:
-            with np.load(npz, allow_pickle=False) as data:
-                meta = json.loads(str(data["meta_json"])) if "meta_json" in data.files else {}
-            if meta.get("seconds") is not None:
-                return {
-                    "seconds": _finite(meta.get("seconds")),
-                    "peak_rss_mb": _finite(meta.get("peak_rss_mb")),
-                }
-        except (OSError, ValueError, KeyError, json.JSONDecodeError):
-            pass
-    stages = record.get("stages", {}) if isinstance(record.get("stages"), dict) else {}
-    for name in (f"score:{method}", f"score_{method}", method):
-        if isinstance(stages.get(name), dict):
-            stage = stages[name]
-            return {
-                "seconds": _finite(stage.get("seconds")),
-                "peak_rss_mb": _finite(stage.get("peak_rss_mb")),
-            }
-    info = stages.get("score", {}).get("info", {}) if isinstance(stages.get("score"), dict) else {}
-    entry = info.get("methods", {}).get(method) if isinstance(info.get("methods"), dict) else None
+            meta = Scores.load(path).meta
+        except InfscopeError:
+            meta = {}
+        if meta.get("seconds") is not None:
+            return {"seconds": _finite(meta.get("seconds")), "peak_rss_mb": _finite(meta.get("peak_rss_mb"))}
+    methods = record.stages.get("score", {}).get("info", {}).get("methods", {})
+    entry = methods.get(method) if isinstance(methods, dict) else None
     if isinstance(entry, dict):
         return {"seconds": _finite(entry.get("seconds")), "peak_rss_mb": _finite(entry.get("peak_rss_mb"))}
-    if isinstance(entry, (int, float)):
-        return {"seconds": _finite(entry), "peak_rss_mb": None}
     return {"seconds": None, "peak_rss_mb": None}
 
 
-def stage_table(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """Time and peak memory of every recorded pipeline stage, in the order ``run.json`` lists them."""
-    stages = record.get("stages", {})
-    if not isinstance(stages, dict):
-        return []
+def stage_table(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Time and peak memory of every finished stage (``data``, ``noise``, ``finetune``,
+    ``gradients:<checkpoint>[-<block_by>]``, ``score``), in the order of ``stages``
+    (:meth:`RunDir.stages <infscope.runs.RunDir.stages>` gives them in the order they finished)."""
     return [
         {
             "stage": str(name),
@@ -211,13 +202,12 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
-def _task_fields(rows: list[dict[str, Any]]) -> tuple[str, tuple[str, ...]]:
-    """The task (instruction or classification) and the row fields the report shows for it."""
+def _task_fields(rows: list[dict[str, Any]], task: str) -> tuple[str, ...]:
+    """The row fields the report shows for ``task`` (``instruction`` or ``classification``)."""
+    if task != "classification":
+        return INSTRUCTION_FIELDS
     keys = set().union(*rows) if rows else set()
-    if "instruction" in keys or "output" in keys or not keys:
-        return "instruction", INSTRUCTION_FIELDS
-    fields = tuple(f for f in CLASSIFICATION_FIELDS if f in keys)
-    return "classification", fields or ("text", "label")
+    return tuple(f for f in CLASSIFICATION_FIELDS if f in keys) or ("text", "label")
 
 
 def flagged_rows(
@@ -259,36 +249,46 @@ def flagged_rows(
     return out
 
 
-def collect(run_dir: str | Path, *, top_k: int = 50, bins: int = HIST_BINS) -> dict[str, Any]:
-    """Every number and row the report shows, as a JSON-serialisable dict.
-
-    Keys: ``run`` (path, created, args, versions, task, fields, n_rows, n_noisy, families),
-    ``methods`` (leaderboard order: AUROC descending), ``leaderboard`` (one dict per method:
-    ``auroc, ap, p_at_k, k, curve_area, n_flagged, seconds, peak_rss_mb``), ``curves``
-    (``{method: {"roc": {"fpr", "tpr"}, "detection": {"x", "y"}}}``), ``family_auroc``
-    (``methods`` x ``families`` matrix ``values`` plus ``counts`` of noisy rows per family),
-    ``distributions`` (``{method: {"edges", "clean", "noisy"}}``), ``stages`` (run.json stages),
-    ``correlation`` (Spearman, ``methods`` x ``methods``), ``flagged`` (top ``top_k`` rows per
-    method), ``top_k`` and ``warnings``.
-    """
-    if top_k < 1:
-        raise InfscopeError(f"--top-k must be at least 1 (got {top_k}); pass e.g. --top-k 50")
+def _open(run_dir: str | os.PathLike) -> OpenedRun:
     run_path = Path(run_dir)
     if not run_path.is_dir():
         raise InfscopeError(
-            f"run directory {run_path} does not exist; pass the --out directory of `infscope demo`"
+            f"run directory {run_path} does not exist; pass the --out directory of `infscope demo` "
+            "or `infscope finetune`"
         )
-    manifest = read_run_manifest(run_path)
-    tables = read_results(run_path)
-    record = read_run_record(run_path)
-    if manifest.empty:
-        raise InfscopeError(
-            f"manifest of {run_path} has no rows; rerun `infscope demo` to regenerate the data"
-        )
-    ids = pd.Index(manifest["id"].astype(str))
-    is_noisy = manifest["is_noisy"].to_numpy(dtype=bool)
-    families = np.where(is_noisy, manifest["family"].map(_text).to_numpy(dtype=object), "")
-    warnings: list[str] = []
+    return open_run(run_path)
+
+
+def collect(
+    run_dir: str | os.PathLike,
+    *,
+    top_k: int = 50,
+    bins: int = HIST_BINS,
+    manifest: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Every number and row the report shows, as a JSON-serialisable dict.
+
+    ``manifest`` replaces the run's own manifest (any form :func:`read_manifest` accepts).
+    Keys: ``run`` (path, name, kind, model, created, args, versions, task, fields, n_rows, n_noisy,
+    families, checkpoint, manifest), ``methods`` (leaderboard order: AUROC descending),
+    ``leaderboard`` (one dict per method: ``auroc, ap, p_at_k, k, curve_area, n_flagged, seconds,
+    peak_rss_mb``), ``curves`` (``{method: {"roc": {"fpr", "tpr"}, "detection": {"x", "y"}}}``),
+    ``family_auroc`` (``methods`` x ``families`` matrix ``values`` plus ``counts`` of noisy rows
+    per family), ``distributions`` (``{method: {"edges", "clean", "noisy"}}``), ``stages`` (every
+    finished stage of run.json), ``correlation`` (Spearman, ``methods`` x ``methods``), ``flagged``
+    (top ``top_k`` rows per method), ``top_k`` and ``warnings``.
+    """
+    if top_k < 1:
+        raise InfscopeError(f"--top-k must be at least 1 (got {top_k}); pass e.g. --top-k 50")
+    run = _open(run_dir)
+    layout, record = run.layout, run.record
+    tables = read_results(layout)
+    train_ids = [str(r["id"]) for r in run.train]
+    truth, manifest_path, warnings = run_manifest(run, train_ids, manifest)
+    warnings = [*run.notes, *warnings]
+    ids = pd.Index(truth["id"].astype(str))
+    is_noisy = truth["is_noisy"].to_numpy(dtype=bool)
+    families = np.where(is_noisy, truth["family"].map(_text).to_numpy(dtype=object), "")
 
     aligned: dict[str, pd.DataFrame] = {}
     reports: dict[str, dict[str, Any]] = {}
@@ -303,7 +303,7 @@ def collect(run_dir: str | Path, *, top_k: int = 50, bins: int = HIST_BINS) -> d
         aligned[method] = table
         reports[method] = detection_report(values, is_noisy, groups=families)
     if not aligned:
-        raise InfscopeError(f"no method in {run_path / RESULTS_DIR} has finite scores; rerun scoring")
+        raise InfscopeError(f"no method in {layout.results_dir} has finite scores; rerun scoring")
 
     def order_key(method: str) -> tuple[float, str]:
         auroc = reports[method]["auroc"]
@@ -324,28 +324,31 @@ def collect(run_dir: str | Path, *, top_k: int = 50, bins: int = HIST_BINS) -> d
                 "k": int(rep["n_noisy"]),
                 "curve_area": _finite(rep["curve_area"]),
                 "n_flagged": int(np.asarray(flagged, dtype=bool).sum()) if flagged is not None else None,
-                **method_seconds(run_path, record, method),
+                **method_seconds(layout, record, method),
             }
         )
     score_table = pd.DataFrame({m: aligned[m]["score"].to_numpy(dtype=np.float64) for m in methods})
-    rows = {str(r.get("id")): r for r in _read_jsonl(run_path.joinpath(*TRAIN_PATH))}
-    clean_rows = {str(r.get("id")): r for r in _read_jsonl(run_path.joinpath(*CLEAN_PATH))}
-    if not rows:
-        warnings.append(f"{'/'.join(TRAIN_PATH)} is missing: flagged rows show only the manifest's noise")
-    task, fields = _task_fields(list(rows.values()))
+    rows = {str(r.get("id")): r for r in run.train}
+    clean_rows = {str(r.get("id")): r for r in read_jsonl(layout.train_clean, missing_ok=True)}
+    fields = _task_fields(run.train, run.spec.task)
+    root = run.path.resolve()
 
     return {
         "run": {
-            "path": str(run_path.resolve()),
-            "name": run_path.resolve().name,
-            "created": _text(record.get("created")),
-            "args": record.get("args", {}),
-            "versions": record.get("versions", {}),
-            "task": task,
+            "path": str(root),
+            "name": root.name,
+            "kind": record.kind,
+            "model": record.model.name,
+            "created": _text(record.created),
+            "args": record.args,
+            "versions": record.versions,
+            "task": run.spec.task,
             "fields": list(fields),
             "n_rows": int(len(ids)),
             "n_noisy": int(is_noisy.sum()),
             "families": family_names,
+            "checkpoint": _text(run.dir.stage_info("score").get("checkpoint_tag")),
+            "manifest": str(manifest_path) if manifest_path is not None else "",
         },
         "methods": methods,
         "leaderboard": leaderboard,
@@ -368,9 +371,9 @@ def collect(run_dir: str | Path, *, top_k: int = 50, bins: int = HIST_BINS) -> d
         "distributions": {
             m: score_histograms(score_table[m].to_numpy(), is_noisy, bins=bins) for m in methods
         },
-        "stages": stage_table(record),
+        "stages": stage_table(run.dir.stages()),
         "correlation": {"methods": methods, "values": spearman_matrix(score_table)},
-        "flagged": flagged_rows(aligned, manifest, rows, clean_rows, fields, top_k),
+        "flagged": flagged_rows(aligned, truth, rows, clean_rows, fields, top_k),
         "top_k": int(top_k),
         "warnings": warnings,
     }

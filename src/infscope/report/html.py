@@ -23,7 +23,7 @@ from infscope.report import svg
 from infscope.report.assets import CSS, JS
 from infscope.report.collect import collect
 from infscope.report.diff import word_diff_html
-from infscope.runs import atomic_write_text
+from infscope.runs import RunLayout, atomic_write_text
 
 CLEAN_FAMILY = "clean"
 
@@ -220,10 +220,13 @@ def render_html(data: dict[str, Any], png_files: list[str] | None = None) -> str
     warnings = "".join(f'<p class="warning">{escape(w)}</p>' for w in data["warnings"])
     args = escape(json.dumps(run["args"], indent=2, sort_keys=True, ensure_ascii=False, default=str))
     versions = escape(", ".join(f"{k} {v}" for k, v in sorted(run["versions"].items())))
+    scored = f"scored at {escape(run['checkpoint'])} · " if run.get("checkpoint") else ""
+    truth = f"manifest {escape(run['manifest'])}" if run.get("manifest") else "no manifest"
     header = (
         f"<h1>{escape(title)}</h1>"
         f'<p class="meta">{escape(run["task"])} run · {run["n_rows"]} training rows · {run["n_noisy"]} noisy · '
         f"{len(data['methods'])} methods · created {escape(run['created'] or 'unknown')}</p>"
+        f'<p class="meta">{scored}{truth}</p>'
         f'<p class="meta">{versions}</p>'
         f"<details><summary>run arguments</summary><pre>{args}</pre></details>{warnings}"
     )
@@ -258,7 +261,7 @@ def render_html(data: dict[str, Any], png_files: list[str] | None = None) -> str
 
 def default_output(run_dir: str | os.PathLike) -> Path:
     """Where the report goes by default: ``RUN/report.html``."""
-    return Path(run_dir) / "report.html"
+    return RunLayout(run_dir).report
 
 
 def png_dir_for(out: Path) -> Path:
@@ -272,11 +275,13 @@ def write_report(
     top_k: int = 50,
     *,
     png: bool | None = None,
+    manifest: str | os.PathLike | None = None,
 ) -> Path:
     """Write the HTML report of a run (default ``RUN/report.html``) and return its path.
 
     PNG versions of the figures go to ``<out stem>_files/`` when ``png`` is true, or by default
-    (``None``) when matplotlib is installed. Every file is written atomically.
+    (``None``) when matplotlib is installed. ``manifest`` replaces the run's own list of known-bad
+    rows (see :func:`infscope.report.collect.collect`). Every file is written atomically.
     """
     from infscope.report.png import matplotlib_available, write_pngs
 
@@ -287,7 +292,7 @@ def write_report(
         raise InfscopeError(
             f"report path {target} is a directory; pass a file name such as {target / 'report.html'}"
         )
-    data = collect(run_dir, top_k=top_k)
+    data = collect(run_dir, top_k=top_k, manifest=manifest)
     want_png = matplotlib_available() if png is None else png
     png_files = [p.name for p in write_pngs(data, png_dir_for(target))] if want_png else []
     if png_files:
