@@ -11,6 +11,11 @@ Training dynamics (``record_dynamics``) come free with the training pass: from t
 forward that computes the batch loss, each row's loss, margin, correctness and EL2N error norm are
 kept (:func:`row_dynamics`), saved with the next checkpoint (``epoch-N/dynamics.parquet``) and
 gathered in ``<out>/dynamics.parquet``, which :mod:`infscope.estimators.dynamics` reads.
+
+Row weights (``finetune(..., weights={id: w})``) make each batch's loss the weighted mean of its
+rows' losses, ``sum w_i l_i / sum w_i`` (:func:`batch_loss`); the cleaning loop's ``reweight``
+action uses them. ``None`` (or every weight 1) trains exactly as without weights; any other
+weights enter the checkpoint fingerprint, so a resumed run never mixes two weightings.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -177,10 +182,17 @@ def _encoded_digest(encoded: Encoded | None) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _fingerprint(loaded: LoadedModel, config: FinetuneConfig, train: Encoded, val: Encoded | None) -> str:
-    """What a checkpoint must match to be resumed: model, settings and token data.
+def _fingerprint(
+    loaded: LoadedModel,
+    config: FinetuneConfig,
+    train: Encoded,
+    val: Encoded | None,
+    weights: torch.Tensor | None = None,
+) -> str:
+    """What a checkpoint must match to be resumed: model, settings, token data and row weights.
 
     Neither the device nor ``record_dynamics`` changes the trained weights, so neither counts.
+    Without row weights the record is the one earlier versions wrote, so their runs still resume.
     """
     settings = config.to_dict()
     settings.pop("device", None)
@@ -192,6 +204,8 @@ def _fingerprint(loaded: LoadedModel, config: FinetuneConfig, train: Encoded, va
         "train": _encoded_digest(train),
         "val": _encoded_digest(val),
     }
+    if weights is not None:
+        record["weights"] = hashlib.sha256(weights.double().numpy().tobytes()).hexdigest()[:16]
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -358,6 +372,50 @@ def _write_dynamics(out: Path, frames: Sequence[pd.DataFrame]) -> None:
         table.reset_index(drop=True).to_parquet(tmp, index=False)
 
 
+def row_weights(weights: Mapping[str, float] | None, ids: Sequence[str]) -> torch.Tensor | None:
+    """Per-row training weights in ``ids`` order (float32), or ``None`` when there are none.
+
+    Rows ``weights`` does not name get 1. Weights must be finite and >= 0 with a positive sum and
+    name only training rows; all-one weights are no weights (``None``), so they train bit-for-bit
+    as an unweighted run.
+    """
+    if weights is None:
+        return None
+    known = set(ids)
+    unknown = [str(i) for i in weights if str(i) not in known]
+    if unknown:
+        raise InfscopeError(
+            f"row weights name {len(unknown)} ids that are not training rows (first: {unknown[0]!r}); "
+            "give weights for training rows only"
+        )
+    by_id = {str(k): float(v) for k, v in weights.items()}
+    values = np.array([by_id.get(i, 1.0) for i in ids], dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(values) | (values < 0))
+    if bad.size:
+        raise InfscopeError(
+            f"row weight of {ids[bad[0]]!r} is {values[bad[0]]}; weights must be finite and >= 0"
+        )
+    if not values.sum() > 0:
+        raise InfscopeError("every row weight is 0, so nothing would be trained; keep some weight > 0")
+    if np.all(values == 1.0):
+        return None
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def batch_loss(losses: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss a batch is trained on: the mean of its rows' losses, or ``sum w_i l_i / sum w_i``.
+
+    A batch whose weights are all 0 contributes a zero loss (and zero gradient).
+    """
+    if weights is None:
+        return losses.mean()
+    w = weights.to(device=losses.device, dtype=losses.dtype)
+    total = w.sum()
+    if not total > 0:
+        return (losses * w).sum()
+    return (losses * w).sum() / total
+
+
 def _mean_loss(model: Any, encoded: Encoded | None, batch_size: int) -> float | None:
     if encoded is None:
         return None
@@ -394,8 +452,10 @@ class _Trainer:
         val: Encoded | None,
         device: torch.device,
         total: int,
+        weights: torch.Tensor | None = None,
     ) -> None:
         self.model, self.config, self.train, self.val, self.device = model, config, train, val, device
+        self.weights = weights
         self.params = list(trainable_parameters(model).values())
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.total = total
@@ -439,7 +499,7 @@ class _Trainer:
             if config.record_dynamics:
                 parts.append((rows, self.step, row_dynamics(logits, labels, losses)))
             del logits, labels  # free the logits before backward, as without recording
-            loss = losses.mean()
+            loss = batch_loss(losses, None if self.weights is None else self.weights[torch.as_tensor(rows)])
             loss.backward()
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)
@@ -477,6 +537,7 @@ def finetune(
     *,
     label_names: Sequence[Any] | None = None,
     progress: bool = True,
+    weights: Mapping[str, float] | None = None,
 ) -> FinetuneResult:
     """Fine-tune LoRA adapters on ``train_rows`` and save a checkpoint after each epoch.
 
@@ -486,7 +547,9 @@ def finetune(
     with the same model, data and settings resumes after the last finished epoch. With
     ``config.record_dynamics`` each epoch's per-row dynamics are saved with its checkpoint and
     gathered in ``out_dir/dynamics.parquet``. ``progress`` shows a bar per epoch (on a terminal
-    only, see :mod:`infscope.progress`).
+    only, see :mod:`infscope.progress`). ``weights`` (row id -> weight, absent rows 1) make each
+    batch's loss the weighted mean of its rows' losses (:func:`batch_loss`); the reported train
+    loss is then the weighted one too.
     """
     if not train_rows:
         raise InfscopeError("no training rows; check the dataset and the validation split")
@@ -504,11 +567,18 @@ def finetune(
     out = ensure_writable_dir(out_dir)
     ckpt_root = out / CHECKPOINTS_DIR
     ckpt_root.mkdir(exist_ok=True)
-    fingerprint = _fingerprint(loaded, config, train, val)
+    row_w = row_weights(weights, train.ids)
+    fingerprint = _fingerprint(loaded, config, train, val, row_w)
     states = _existing_states(ckpt_root, fingerprint)
 
     trainer = _Trainer(
-        model, config, train, val, device, total=config.epochs * math.ceil(len(train) / config.batch_size)
+        model,
+        config,
+        train,
+        val,
+        device,
+        total=config.epochs * math.ceil(len(train) / config.batch_size),
+        weights=row_w,
     )
     start_epoch, history = 0, []
     if states:

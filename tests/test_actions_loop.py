@@ -1,0 +1,173 @@
+"""The cleaning loop end to end on tiny-bert (sentence_transform_cls with label flips): two rounds,
+drops checked against the saved scores, test accuracy against a per-row loop, resume after an
+interruption, undo byte for byte, canaries never in outputs, and the bad inputs (exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import infscope.actions.loop as loop_module
+from infscope.actions.loop import CleanConfig, run_clean, tuned_model
+from infscope.cli import main
+from infscope.data.builtin import make_builtin
+from infscope.data.manifest import write_manifest
+from infscope.data.writing import write_rows
+from infscope.noise.inject import inject_noise
+
+CANARIES = [
+    {"id": "canary-0", "text": "a canary sentence => A CANARY SENTENCE", "label": 0, "class": 0},
+    {"id": "canary-1", "text": "another canary => another", "label": 1, "class": 1},
+]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clean-data")
+    split = make_builtin("sentence_transform_cls", n_classes=3, per_class=14, n_test_per_class=6)
+    noisy = inject_noise(split.train, task="classification", ratio=0.25, weights="label=1", seed=0,
+                         label_names=split.label_names)  # fmt: skip
+    write_rows(noisy.rows + CANARIES, root / "train.csv")
+    write_manifest(noisy.manifest, root / "train.manifest.jsonl")
+    write_rows(split.test[:6], root / "val.jsonl")
+    write_rows(split.test[6:], root / "test.jsonl")
+    instr = make_builtin("math_reason", n_classes=2, per_class=5, n_test_per_class=2)
+    write_rows(instr.train, root / "math.jsonl")
+    write_rows(instr.test, root / "math_test.jsonl")
+    return root
+
+
+def _config(root, **kw):
+    base = dict(data=str(root / "train.csv"), val=str(root / "val.jsonl"), test=str(root / "test.jsonl"),
+                model="tiny-bert", method="loss", action="drop", rounds=2, k="4", epochs=2, lr=1e-2,
+                batch_size=8, max_length=48, rank=4, early_stop=False)  # fmt: skip
+    return CleanConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def finished(files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean") / "out"
+    return out, run_clean(_config(files), out)
+
+
+def test_two_rounds_drop_the_most_harmful_rows(files, finished):
+    out, result = finished
+    assert [row["round"] for row in result.table] == [0, 1, 2]
+    assert [row["rows"] for row in result.table] == [26, 22, 18]
+    for r in (1, 2):  # each round drops the 4 non-canary rows with the highest loss of the round before
+        scores = pd.read_parquet(out / "rounds" / f"round-{r - 1}" / "results" / "loss.parquet")
+        candidates = scores[~scores["id"].str.startswith("canary-")].sort_values(
+            "score", ascending=False, kind="stable"
+        )
+        dropped = [json.loads(line)["id"] for line in (out / "rounds" / f"round-{r}.changes.jsonl").open()]
+        assert sorted(dropped) == sorted(candidates["id"].head(4))
+    best = result.best_round
+    assert result.table[best]["kept"] and sum(row["kept"] for row in result.table) == 1
+    values = [row["accuracy"] for row in result.table]
+    assert values[best] == max(values) and best == values.index(max(values))
+    assert set(result.baselines) == {"noisy", "random", "oracle"}
+    assert result.baselines["oracle"]["rows_changed"] == 6  # round(0.25 * 24) flipped labels
+    assert result.baselines["noisy"]["accuracy"] == result.table[0]["accuracy"]
+
+
+def test_test_accuracy_matches_a_per_row_loop(files, finished):
+    out, result = finished
+    test = [json.loads(line) for line in (files / "test.jsonl").open()]
+    loaded = tuned_model(out / "rounds" / "round-2")
+    correct, losses = [], []
+    with torch.no_grad():
+        for row in test:
+            enc = loaded.tokenizer(row["text"], return_tensors="pt", truncation=True, max_length=48)
+            logits = loaded.model(**enc).logits[0].double()
+            correct.append(int(logits.argmax()) == row["label"])
+            losses.append(float(-torch.log_softmax(logits, -1)[row["label"]]))
+    assert result.table[2]["accuracy"] == pytest.approx(np.mean(correct), abs=1e-12)
+    assert result.table[2]["loss"] == pytest.approx(np.mean(losses), rel=1e-4)
+
+
+def test_outputs_hide_canaries_and_undo_restores_bytes(files, finished, tmp_path):
+    out, result = finished
+    cleaned = pd.read_csv(result.cleaned)
+    kept_drops = {c["id"] for c in result.report["changes"] if c["action"] == "drop"}
+    original = pd.read_csv(files / "train.csv")
+    expected = [i for i in original["id"] if not i.startswith("canary-") and i not in kept_drops]
+    assert cleaned["id"].tolist() == expected
+    assert list(cleaned.columns) == list(original.columns)
+    for path in (result.cleaned, result.audit, out / "rounds.json", out / "clean_report.json"):
+        assert "canary-" not in path.read_text()
+    restored = tmp_path / "restored.csv"
+    assert main(["clean", str(result.cleaned), "--undo", str(result.audit), "--out", str(restored)]) == 0
+    assert restored.read_bytes() == (files / "train.csv").read_bytes()
+    wrong = main(
+        ["clean", str(files / "val.jsonl"), "--undo", str(result.audit), "--out", str(tmp_path / "x.csv")]
+    )
+    assert wrong == 2 and not (tmp_path / "x.csv").exists()
+
+
+def test_resume_after_an_interruption_in_round_2(files, finished, tmp_path, monkeypatch):
+    _, uninterrupted = finished
+    out = tmp_path / "out"
+    real = loop_module.train_round
+
+    def failing(cfg, prep, name, *args, **kwargs):
+        if name == "round-2":
+            raise RuntimeError("interrupted")
+        return real(cfg, prep, name, *args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "train_round", failing)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run_clean(_config(files), out)
+    stages = json.loads((out / "run.json").read_text())["stages"]
+    assert set(stages) == {"round-0", "round-1"}
+    finished_at = {n: (out / "rounds" / n / "run.json").stat().st_mtime_ns for n in ("round-0", "round-1")}
+    monkeypatch.setattr(loop_module, "train_round", real)
+    resumed = run_clean(_config(files), out)
+    for n, mtime in finished_at.items():  # finished rounds were not trained, scored or evaluated again
+        assert (out / "rounds" / n / "run.json").stat().st_mtime_ns == mtime
+    strip = [{k: v for k, v in row.items()} for row in resumed.table]
+    assert strip == uninterrupted.table
+    assert resumed.baselines == uninterrupted.baselines
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--test", "{root}/val.jsonl", "--val", "{root}/test.jsonl"], None),  # fine: disjoint
+        (["--test", "{root}/train.csv"], "shares"),
+        (["--action", "repair", "--expert", "local:tiny-llama"], "repair rewrites responses"),
+        (["--rounds", "0"], "--rounds 0"),
+        (["--k", "0"], "0 rows"),
+    ],
+)
+def test_bad_inputs_exit_2_and_write_nothing(files, tmp_path, capsys, args, message):
+    if message is None:
+        return
+    out = tmp_path / "never"
+    argv = ["clean", str(files / "train.csv"), "--val", str(files / "val.jsonl"), "--test", str(files / "test.jsonl"),
+            "--out", str(out), "--model", "tiny-bert"]  # fmt: skip
+    argv += [a.format(root=files) for a in args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in " ".join(err.split()) and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--action", "relabel"], "relabel moves rows between classes"),
+        (["--action", "repair", "--expert", "openai:http://127.0.0.1:9/v1#m"], "cannot reach"),
+        (["--action", "repair"], "needs an expert"),
+    ],
+)
+def test_bad_inputs_on_instruction_data(files, tmp_path, capsys, args, message):
+    out = tmp_path / "never"
+    argv = ["clean", str(files / "math.jsonl"), "--val", str(files / "math_test.jsonl"), "--test",
+            str(files / "math_test.jsonl"), "--out", str(out), "--model", "tiny-llama", *args]  # fmt: skip
+    assert main(argv) == 2
+    assert message in " ".join(capsys.readouterr().err.split())
+    assert not out.exists()
