@@ -128,10 +128,10 @@ def test_read_manifest_errors(tmp_path):
     path.write_text(good + "\n{not json\n")
     with pytest.raises(InfscopeError, match="line 2"):
         read_manifest(path)
-    partial = _manifest_record("r1", True)
-    del partial["family"], partial["seed"]
-    path.write_text(json.dumps(partial) + "\n")
-    with pytest.raises(InfscopeError, match="family, seed"):
+    no_id = _manifest_record("r1", True)
+    del no_id["id"]
+    path.write_text(json.dumps(no_id) + "\n")
+    with pytest.raises(InfscopeError, match="lacks 'id'"):
         read_manifest(path)
     path.write_text(good + "\n" + good + "\n")
     with pytest.raises(InfscopeError, match="repeats id 'r1'"):

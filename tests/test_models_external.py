@@ -401,3 +401,47 @@ def test_lora_spec_from_config_keeps_only_what_it_can_express():
     assert lora_spec_from_config({**plain, "target_modules": "all-linear"}) is None
     assert lora_spec_from_config({**plain, "use_dora": True}) is None
     assert lora_spec_from_config({**plain, "rank_pattern": {"q_proj": 4}}) is None
+
+
+def test_score_command_scores_trainer_adapters_without_infscope_finetune(trained, tmp_path, capsys):
+    """`infscope score TRAINER_OUT --data ...` opens a run around the adapters and scores it like any other."""
+    import numpy as np
+
+    from infscope.cli import main
+    from infscope.estimators.registry import get_estimator
+    from infscope.grads.store import GradientStore
+    from infscope.runs import RunLayout
+    from infscope.scoring import open_run
+
+    data = tmp_path / "train.jsonl"
+    rows = [{"id": f"r{i}", "instruction": "Repeat the text.", "input": t, "output": t} for i, t in enumerate(TEXTS * 2)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = {p: p.stat().st_mtime_ns for p in Path(trained.out).rglob("*") if p.is_file()}
+    run = tmp_path / "run"
+    argv = ["score", str(trained.out), "--data", str(data), "--val-fraction", "0.25", "--out", str(run),
+            "--max-length", "32", "--method", "datainf,tracin,loss"]
+    assert main(argv) == 0, capsys.readouterr().err
+    opened = open_run(run)
+    assert opened.record.kind == "external" and opened.spec.name == str(trained.base_dir.resolve())
+    assert [c.tag for c in opened.checkpoints] == ["checkpoint-2", "checkpoint-4"]
+    expected_lrs = [c.lr for c in read_external_run(trained.out).checkpoints]
+    tracin = pd_scores(run, "tracin")
+    np.testing.assert_allclose(tracin.meta["checkpoint_weights"], expected_lrs)
+    layout = RunLayout(run)
+    train = GradientStore.open(layout.grads(opened.best.path, "train"))
+    val = GradientStore.open(layout.grads(opened.best.path, "val"))
+    direct = get_estimator("datainf").fit(train).score(val)
+    np.testing.assert_allclose(pd_scores(run, "datainf").values, direct.values, rtol=1e-10)
+    assert sorted(direct.train_ids) == sorted(r["id"] for r in opened.train)
+    # the user's folder is untouched, and a second call reuses the run instead of refusing it
+    assert {p: p.stat().st_mtime_ns for p in Path(trained.out).rglob("*") if p.is_file()} == before
+    assert main(argv) == 0
+    assert main(["score", str(trained.out), "--out", str(run)]) == 2
+    assert "--data" in capsys.readouterr().err
+
+
+def pd_scores(run: Path, method: str):
+    from infscope.estimators.scores import Scores
+    from infscope.runs import RunLayout
+
+    return Scores.load(RunLayout(run).scores(method))

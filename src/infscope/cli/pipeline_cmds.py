@@ -328,7 +328,7 @@ def evaluate_command(
                 f"no noise manifest found for {run}; pass --manifest FILE (a manifest from `infscope noise`, "
                 "or your own known-bad ids)"
             )
-        truth = read_manifest(path)
+        truth = read_manifest(path, train_ids=[str(r["id"]) for r in opened.train])
         evaluation = detection_evaluation(load_scores(opened.layout), truth, ks=k)
         evaluation["manifest"] = str(path)
         atomic_write_json(

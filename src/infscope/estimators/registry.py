@@ -281,6 +281,7 @@ for _method in (
         _dynamics("aum", dynamics.aum),
         "minus the area under the margin (classification)",
         family="dynamics",
+        tasks=("classification",),
     ),
     Method(
         "forgetting",
@@ -288,6 +289,7 @@ for _method in (
         _dynamics("forgetting", dynamics.forgetting),
         "forgetting events over epochs (classification)",
         family="dynamics",
+        tasks=("classification",),
     ),
     Method(
         "el2n",

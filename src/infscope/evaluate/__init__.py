@@ -4,7 +4,6 @@
   overall and per noise family/operator; aligns scores to a noise manifest by id.
 - :mod:`~infscope.evaluate.attribution`: class-detection AUC and recall of a query x train matrix.
 - :mod:`~infscope.evaluate.aggregate`: mean, std and t interval over seeds; the leaderboard.
-- :mod:`~infscope.evaluate.report_data`: one JSON-ready dict with everything the HTML report draws.
 - :mod:`~infscope.evaluate.metrics`, :mod:`~infscope.evaluate.curves`, :mod:`~infscope.evaluate.stats`:
   the vectorised primitives (average ranks, tie-aware top-k, curves, Student's t without scipy).
 
