@@ -16,9 +16,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from infscope.runs.io import json_default
 from infscope.errors import InfscopeError
 from infscope.runs import atomic_path, atomic_write_text
+from infscope.runs.io import json_default
 
 WRITE_FORMATS: dict[str, str] = {
     ".json": "json",
