@@ -157,3 +157,49 @@ def test_wrong_column_names_can_be_mapped_on_finetune(tmp_path):
             "--instruction-col", "prompt", "--output-col", "completion", "--max-length", "32"]
     assert main(argv) == 0
     assert RunDir.open(run).record.data.columns == {"instruction": "prompt", "output": "completion"}
+
+
+def test_canaries_calibrate_fusion_and_never_reach_outputs(noisy_files, tmp_path, capsys):
+    from infscope.estimators.scores import Scores
+    from infscope.scoring import open_run
+
+    noisy, _ = noisy_files
+    run = tmp_path / "run"
+    common = ["--model", "tiny-llama", "--max-length", "64", "--threads", "1"]
+    argv = ["finetune", str(noisy), "--out", str(run), "--epochs", "2", "--lr", "0.01", "--canaries", "0.25", *common]
+    assert main(argv) == 0
+    opened = open_run(run)
+    from infscope.noise.canaries import canary_count
+
+    n_user = len(RunLayout(run).train.read_text().splitlines())
+    assert len(opened.canary_ids) == canary_count(0.25, n_user)
+    assert all(i.startswith("canary-") for i in opened.canary_ids)
+    assert set(opened.canary_ids) <= {str(r["id"]) for r in opened.train}
+    assert main(["score", str(run), "--method", "loss,xprompt,fusion", "--checkpoint", "canary", "--threads", "1"]) == 0
+    layout = RunLayout(run)
+    user_ids = {json.loads(line)["id"] for line in layout.train.read_text().splitlines()}
+    for path in layout.results_dir.glob("*.parquet"):
+        assert set(pd.read_parquet(path)["id"]) == user_ids, path.name
+    fusion = Scores.load(layout.scores("fusion"))
+    choice = fusion.meta["fusion"]
+    assert set(choice["members"]) <= {"loss", "base_loss", "xprompt", "xresponse", "pmi", "ifd", "grad_cos",
+                                      "datainf", "hessian_free", "cartography", "el2n"}
+    loss = Scores.load(layout.scores("loss"))
+    assert loss.meta["checkpoint_rule"] == "canary" and 0.0 <= loss.meta["canary_auroc"] <= 1.0
+    # the chosen checkpoint is the one whose canary AUROC is highest among the per-epoch scores
+    per_epoch = [Scores.load(p).meta["canary_auroc"] for p in sorted(layout.scores_dir.glob("loss@*.npz"))]
+    assert loss.meta["canary_auroc"] == max(per_epoch)
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--json"]) == 0
+    board = json.loads(capsys.readouterr().out)["leaderboard"]
+    assert {"loss", "xprompt", "fusion"} <= {r["method"] for r in board}
+
+
+def test_canary_noise_that_does_not_fit_writes_nothing(noisy_files, tmp_path, capsys):
+    noisy, _ = noisy_files
+    run = tmp_path / "run"
+    argv = ["finetune", str(noisy), "--out", str(run), "--model", "tiny-llama", "--canaries", "0.1",
+            "--canary-noise", "label_flip_uniform", "--threads", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "response_swap" in err and len(err.strip().splitlines()) == 1 and not run.exists()

@@ -58,6 +58,8 @@ class PipelineConfig:
     methods: tuple[str, ...] = DEFAULT_METHODS
     checkpoint: str = "best"
     attribution: bool = False
+    canaries: float | None = None
+    canary_noise: str | None = None
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
@@ -349,6 +351,21 @@ def run_pipeline(
         run.save()
     say(f"noise: {cfg.noise_ratio:.0%} {cfg.noise_weights or cfg.noise_strategy}")
     train, manifest = stage_noise(run, cfg, clean, label_names)
+    if cfg.canaries:
+        from infscope.noise.canaries import add_canaries, default_canary_noise
+
+        noise = cfg.canary_noise or default_canary_noise(run.record.model.task)
+        say(f"canaries: {cfg.canaries:.0%} of the training rows, {noise}")
+        train = add_canaries(
+            run,
+            train,
+            fraction=cfg.canaries,
+            noise=noise,
+            seed=cfg.seed,
+            task=run.record.model.task,
+            label_names=label_names,
+        )
+        run.save()
     say(f"finetune: {cfg.model}, LoRA r={cfg.rank}, {cfg.epochs} epochs on {len(train)} rows")
     ft = stage_finetune(run, cfg, train, val)
     say(f"score: {', '.join(cfg.methods)} at epoch {ft['epoch']} ({cfg.checkpoint} validation loss)")

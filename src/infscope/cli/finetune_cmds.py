@@ -95,6 +95,18 @@ def finetune_command(
     full_text: bool = typer.Option(
         False, "--full-text", help="Train on prompt and response, not the response only."
     ),
+    canaries: float = typer.Option(
+        0.0,
+        "--canaries",
+        help="Share of extra canary rows: copies of your rows corrupted by infscope's noise, added before "
+        "fine-tuning to calibrate detectors (`score --method fusion`); never shown in any output. 0 = none.",
+    ),
+    canary_noise: str | None = typer.Option(
+        None,
+        "--canary-noise",
+        help="Noise of the canaries: response_swap, label, wrong_answer, a family or operator "
+        "[default: response_swap for instruction data, label for classification].",
+    ),
     threads: Threads = None,
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace a run directory made with other arguments."
@@ -105,6 +117,7 @@ def finetune_command(
     from infscope.data.writing import write_rows
     from infscope.models.finetune import finetune
     from infscope.models.registry import load_spec
+    from infscope.noise.canaries import add_canaries, canary_count, default_canary_noise, resolve_canary_noise
     from infscope.runtime import set_threads
 
     set_threads(threads)
@@ -133,6 +146,9 @@ def finetune_command(
         dtype=dtype,
         response_only=not full_text,
     )
+    if canaries:  # checked before the run directory is made: a bad canary setting writes nothing
+        canary_count(canaries, len(split.train))
+        resolve_canary_noise(canary_noise or default_canary_noise(split.task), split.train, split.task)
     manifest_path = find_manifest(data, manifest)
     record = RunRecord(
         kind="finetune",
@@ -149,6 +165,8 @@ def finetune_command(
             "columns": split.source.columns or None,
             "model": model,
             "config": config.to_dict(),
+            "canaries": canaries or None,
+            "canary_noise": (canary_noise or default_canary_noise(split.task)) if canaries else None,
         },
     )
     run = RunDir.create(out, record, overwrite=overwrite)
@@ -157,14 +175,28 @@ def finetune_command(
             write_rows(split.train, run.layout.train)
             write_rows(split.val, run.layout.val)
             rec.info.update(train_rows=len(split.train), val_rows=len(split.val), task=split.task)
+    train_rows = split.train
+    if canaries:
+        train_rows = add_canaries(
+            run,
+            split.train,
+            fraction=canaries,
+            noise=record.args["canary_noise"],
+            seed=seed,
+            task=split.task,
+            label_names=split.label_names,
+        )
+        run.save()
     loaded = load_spec(spec)
     with run.stage("finetune") as rec:
         console.print(
-            f"fine-tuning {model} on {len(split.train)} rows ({len(split.val)} validation), "
+            f"fine-tuning {model} on {len(train_rows)} rows ({len(split.val)} validation"
+            + (f", {len(train_rows) - len(split.train)} canaries" if canaries else "")
+            + "), "
             f"{epochs} epochs, LoRA r={rank}"
         )
         labels = spec.label_names if spec.task == "classification" else None
-        result = finetune(loaded, split.train, split.val, config, run.layout.finetune, label_names=labels)
+        result = finetune(loaded, train_rows, split.val, config, run.layout.finetune, label_names=labels)
         rec.info.update(
             best=result.best.path, epochs=len(result.checkpoints), resumed_from=result.resumed_from
         )

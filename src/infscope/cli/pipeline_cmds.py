@@ -23,12 +23,20 @@ from infscope.runs import RunLayout
 
 
 def _print_leaderboard(rows: list[dict], title: str) -> None:
-    from infscope.evaluate.aggregate import leaderboard, render_leaderboard
+    from infscope.evaluate.aggregate import (
+        CANARY_METRIC,
+        LEADERBOARD_METRICS,
+        leaderboard,
+        render_leaderboard,
+    )
 
     if not rows:
         console.print("no noisy rows in the manifest: nothing to detect (attribution runs only)")
         return
-    render_leaderboard(leaderboard(rows), console, title=title)
+    metrics = list(LEADERBOARD_METRICS)
+    if any(r.get(CANARY_METRIC) is not None for r in rows):
+        metrics.insert(2, CANARY_METRIC)
+    render_leaderboard(leaderboard(rows, metrics=metrics), console, title=title)
 
 
 def _print_families(evaluation: dict, column: str = "family") -> None:
@@ -328,7 +336,7 @@ def evaluate_command(
                 f"no noise manifest found for {run}; pass --manifest FILE (a manifest from `infscope noise`, "
                 "or your own known-bad ids)"
             )
-        truth = read_manifest(path, train_ids=[str(r["id"]) for r in opened.train])
+        truth = read_manifest(path, train_ids=[str(r["id"]) for r in opened.user_train])
         evaluation = detection_evaluation(load_scores(opened.layout), truth, ks=k)
         evaluation["manifest"] = str(path)
         atomic_write_json(

@@ -8,6 +8,7 @@ touches the orchestration, and a method whose needs a run cannot meet is left ou
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -29,8 +30,10 @@ OPTIMIZER_STATE = "optimizer_state"
 MODEL = "model"
 #: Per-row loss (and margin) at every epoch, recorded during fine-tuning.
 DYNAMICS = "dynamics"
+#: Canary rows (known-bad copies added before fine-tuning) and other methods' scores on every row.
+CANARIES = "canaries"
 
-NEEDS = (TRAIN_GRADS, QUERY_GRADS, LOSSES, ALL_CHECKPOINTS, OPTIMIZER_STATE, MODEL, DYNAMICS)
+NEEDS = (TRAIN_GRADS, QUERY_GRADS, LOSSES, ALL_CHECKPOINTS, OPTIMIZER_STATE, MODEL, DYNAMICS, CANARIES)
 
 
 @dataclass
@@ -80,6 +83,13 @@ class MethodInputs(Protocol):
     def dynamics(self) -> pd.DataFrame: ...
 
     def encode_options(self) -> dict[str, Any]: ...
+
+    @property
+    def canary_ids(self) -> list[str]: ...
+
+    def scores_of(self, names: Sequence[str]) -> dict[str, Any]:
+        """Other methods' :class:`Scores` on every training row (canaries included), computed once."""
+        ...
 
 
 class GradientInputs:

@@ -19,9 +19,11 @@ from infscope.estimators.base import Estimator
 from infscope.estimators.cosine import DataInfCosine, GradCosine
 from infscope.estimators.datainf import DataInf
 from infscope.estimators.exact import Exact
+from infscope.estimators.fusion import choose_fusion, fusion_scores
 from infscope.estimators.hessian_free import HessianFree
 from infscope.estimators.inputs import (
     ALL_CHECKPOINTS,
+    CANARIES,
     DYNAMICS,
     LOSSES,
     MODEL,
@@ -219,6 +221,50 @@ def _pair_method(name: str, score: str, which: str, summary: str) -> Method:
     return Method(name, (MODEL,), _pair(name, score, which), summary, family="pair", tasks=(task,))
 
 
+#: Methods the ``fusion`` detector chooses among by default (those the run can feed): cheap, and
+#: each strong somewhere (pair scores on swapped pairs, dynamics and margins on label flips).
+FUSION_POOL = (
+    "loss",
+    "base_loss",
+    "xprompt",
+    "xresponse",
+    "pmi",
+    "ifd",
+    "grad_cos",
+    "datainf",
+    "hessian_free",
+    "cartography",
+    "el2n",
+    "label_margin",
+    "aum",
+)
+
+
+def _fusion(inputs: MethodInputs, options: dict[str, Any]) -> Scores:
+    """Rank fusion (or the single method) that ranks the canaries highest; see :mod:`infscope.estimators.fusion`."""
+    _check_options("fusion", lambda members=None, max_members=3, top=6, grid=0.25: None, options)
+    pool = options.get("members") or FUSION_POOL
+    pool = pool.split(",") if isinstance(pool, str) else list(pool)
+    members = [
+        get_method(m).name
+        for m in pool
+        if inputs.task in get_method(m).tasks and all(inputs.available(n) for n in get_method(m).needs)
+    ]
+    if not members:
+        raise InfscopeError("fusion has no method to choose from on this run; pass --method with others")
+    scores = inputs.scores_of(members)
+    ids = inputs.train_ids
+    mask = [i in set(inputs.canary_ids) for i in ids]
+    choice = choose_fusion(
+        {m: scores[m].vector() for m in members},
+        mask,
+        **{k: v for k, v in options.items() if k in ("max_members", "top", "grid")},
+    )
+    fused = fusion_scores(choice, scores)
+    fused.meta.update(family="fusion", pool=members)
+    return fused
+
+
 for _method in (
     _gradient_method(
         "datainf", "DataInf: closed-form inverse of each block's damped Fisher (Kwon et al. 2024)"
@@ -267,6 +313,13 @@ for _method in (
     ),
     _pair_method(
         "label_margin", "label_margin", "checkpoint", "best other label's logit minus the given label's"
+    ),
+    Method(
+        "fusion",
+        (CANARIES,),
+        _fusion,
+        "the method or rank fusion that ranks the run's canaries highest (no labels needed)",
+        family="fusion",
     ),
     Method(
         "cartography",

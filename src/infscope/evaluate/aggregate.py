@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -23,7 +24,16 @@ from infscope.evaluate.stats import t_critical
 
 KEYS = ("method", "metric", "group")
 LEADERBOARD_METRICS = ("auroc", "ap", "p_at_k", "seconds", "peak_mb")
-_LABELS = {"auroc": "AUROC", "ap": "AP", "p_at_k": "P@k", "seconds": "Seconds", "peak_mb": "Peak MB"}
+#: Shown only when some row has it: the AUROC of the run's canaries (label-free, see ``--canaries``).
+CANARY_METRIC = "canary_auroc"
+_LABELS = {
+    "auroc": "AUROC",
+    "ap": "AP",
+    "p_at_k": "P@k",
+    "seconds": "Seconds",
+    "peak_mb": "Peak MB",
+    CANARY_METRIC: "Canary",
+}
 _DIGITS = {"seconds": 1, "peak_mb": 0}
 _NO_CI = ("seconds", "peak_mb")  # costs: the mean is enough in a table
 
@@ -156,12 +166,18 @@ def render_leaderboard(
 ) -> Table:
     """Print ``board`` (from :func:`leaderboard`) as a rich table; mean ± CI when several seeds."""
     metrics = [m for m in board.columns if f"{m}_ci" in board.columns]
-    table = Table(title=title)
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("#", justify="right")
-    table.add_column("Method")
+    # the method names must stay readable at 80 columns: metrics wrap before the names do
+    longest = int(board["method"].astype(str).str.len().max()) if len(board) else 6
+    table.add_column("Method", min_width=min(longest, 24), overflow="fold")
     for metric in metrics:
-        table.add_column(_LABELS.get(metric, metric), justify="right", no_wrap=True)
-    show_seeds = "n_seeds" in board.columns and (board["n_seeds"] > 1).any()
+        table.add_column(_LABELS.get(metric, metric), justify="right")
+    # one seed count for every method goes in the title; a column only when they differ
+    seeds = sorted(set(board["n_seeds"].astype(int))) if "n_seeds" in board.columns and len(board) else [1]
+    show_seeds = len(seeds) > 1
+    if not show_seeds and seeds[0] > 1:
+        table.title = f"{title} ({seeds[0]} seeds)"
     if show_seeds:
         table.add_column("Seeds", justify="right")
     for position, row in enumerate(board.itertuples(index=False), start=1):

@@ -25,11 +25,13 @@ from typing import Any
 import numpy as np
 
 from infscope.data.formatting import is_chat_row, sync_chat_row
+from infscope.data.writing import write_rows
 from infscope.errors import InfscopeError
 from infscope.noise.inject import inject_noise, label_noise_applies
 from infscope.noise.registry import FAMILIES, TASKS, TEXT_FIELDS, all_operators
 from infscope.noise.rng import hash_order, stable_hash
 from infscope.noise.strategies import parse_weights
+from infscope.runs import RunDir, read_jsonl
 
 MAX_FRACTION = 0.5
 #: Friendly names for operators (``--canary-noise wrong_answer``).
@@ -234,3 +236,43 @@ def canary_mask(ids: Sequence[str], canary_ids: Sequence[str]) -> np.ndarray:
     """Boolean vector over ``ids``: True where the id is a canary (ids compared as strings)."""
     wanted = {str(i) for i in canary_ids}
     return np.fromiter((str(i) in wanted for i in ids), dtype=bool, count=len(ids))
+
+
+def add_canaries(
+    run: RunDir,
+    train: list[dict[str, Any]],
+    *,
+    fraction: float,
+    noise: str,
+    seed: int,
+    task: str,
+    label_names: Sequence[Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Training rows plus canaries, recorded in ``run`` (ids, noise, manifest at ``data/canaries.jsonl``).
+
+    Canaries are made once per run (stage ``canaries``) and reread on resume, so a resumed
+    fine-tune trains on exactly the same rows. The user's rows are returned unchanged, first.
+    """
+    from infscope.data.manifest import write_manifest
+
+    if not run.done("canaries"):
+        with run.stage("canaries") as rec:
+            made = make_canaries(
+                train, fraction=fraction, noise=noise, seed=seed, task=task, label_names=label_names
+            )
+            write_rows(made.rows, run.layout.canary_rows)
+            write_manifest(made.manifest, run.layout.canaries)
+            run.record.canaries = {
+                "fraction": fraction,
+                "noise": noise,
+                "weights": made.weights,
+                "ids": made.ids,
+                "manifest": "data/canaries.jsonl",
+            }
+            rec.info.update(rows=len(made.ids), noise=noise)
+    return list(train) + read_jsonl(run.layout.canary_rows)
+
+
+def default_canary_noise(task: str) -> str:
+    """The noise canaries get unless the user names one: response swaps, or label flips for classification."""
+    return "label" if task == "classification" else "response_swap"

@@ -283,7 +283,7 @@ def collect(
     run = _open(run_dir)
     layout, record = run.layout, run.record
     tables = read_results(layout)
-    train_ids = [str(r["id"]) for r in run.train]
+    train_ids = [str(r["id"]) for r in run.user_train]
     truth, manifest_path, warnings = run_manifest(run, train_ids, manifest)
     warnings = [*run.notes, *warnings]
     ids = pd.Index(truth["id"].astype(str))

@@ -6,7 +6,8 @@
     data/train.clean.jsonl                    training rows before noise (demo and bench runs)
     data/train.jsonl, data/val.jsonl          the rows the model was tuned on and the query rows
     data/manifest.jsonl                       ground truth: which rows were corrupted and how
-    data/canaries.jsonl                       canary rows added before fine-tuning (never in outputs)
+    data/canaries.jsonl, canary_rows.jsonl    canaries' manifest and rows, added before fine-tuning
+                                              (scored, used for calibration, never in any output)
     finetune/checkpoints/epoch-N/             adapter + optimizer state per epoch
     finetune/dynamics.parquet                 per-row loss (and margin) at every epoch
     scoring/<checkpoint>[-<block_by>]/        per checkpoint and block grouping:
@@ -70,6 +71,10 @@ class RunLayout:
     @property
     def canaries(self) -> Path:
         return self.data_dir / "canaries.jsonl"
+
+    @property
+    def canary_rows(self) -> Path:
+        return self.data_dir / "canary_rows.jsonl"
 
     # -- fine-tuning
     @property

@@ -10,10 +10,15 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
+
 from infscope.data.loading import load_rows
-from infscope.estimators.inputs import ALL_CHECKPOINTS, LOSSES, QUERY_GRADS, TRAIN_GRADS
+from infscope.errors import InfscopeError
+from infscope.estimators.fusion import drop_canaries
+from infscope.estimators.inputs import ALL_CHECKPOINTS, CANARIES, LOSSES, QUERY_GRADS, TRAIN_GRADS
 from infscope.estimators.registry import get_method
 from infscope.estimators.scores import Scores
+from infscope.noise.canaries import canary_mask
 from infscope.scoring.inputs import RunInputs
 from infscope.scoring.methods import parse_methods, runnable, score_methods
 from infscope.scoring.run import Checkpoint, OpenedRun, open_run
@@ -56,17 +61,26 @@ def score_run(
 ) -> dict[str, Scores]:
     """Score a fine-tuned run with ``methods`` and save ``scores/`` and ``results/``; returns ``{method: Scores}``.
 
-    ``checkpoint="all"`` also scores every checkpoint as ``<method>@epoch-N`` (the plain names hold
-    the best checkpoint), so ``infscope evaluate`` ranks the epochs side by side; which checkpoint
-    is scored often matters more than the method. Scoring a method again removes its earlier
-    ``@epoch-N`` scores, so no stale epoch is ranked beside new scores. The run records which
+    ``checkpoint``: ``best`` (lowest validation loss), ``last``, ``epoch-N`` / a folder name, ``all``
+    (every checkpoint is also saved as ``<method>@<tag>``; the plain names hold the best one, so
+    ``infscope evaluate`` ranks the epochs side by side) or ``canary`` (every checkpoint scored, and
+    for each method the plain name holds the checkpoint whose canaries it ranks highest: no labels
+    needed). Which checkpoint is scored often matters more than the method.
+
+    Canary rows (``infscope finetune --canaries``) are scored with the user's rows, their AUROC is
+    kept in each method's meta (``canary_auroc``), and they are dropped before anything is saved or
+    returned. Scoring a method again removes its earlier ``@<tag>`` scores. The run records which
     checkpoint, query and block grouping were scored (stage ``score``), for peers and the report.
     """
     run = run_dir if isinstance(run_dir, OpenedRun) else open_run(run_dir)
     if batch_size:
         run.spec.batch_size = int(batch_size)
-    every = checkpoint == "all"
-    chosen = run.checkpoint("best" if every else checkpoint)
+    if checkpoint == "canary" and not run.canary_ids:
+        raise InfscopeError(
+            "--checkpoint canary needs canaries; fine-tune with --canaries 0.05 (or choose best, last, all)"
+        )
+    sweep = checkpoint in ("all", "canary")
+    chosen = run.checkpoint("best" if sweep else checkpoint)
     query_rows, query_name = query_inputs(run, query)
 
     def inputs_at(ckpt: Checkpoint) -> RunInputs:
@@ -76,31 +90,41 @@ def score_run(
 
     main_inputs = inputs_at(chosen)
     names = parse_methods(methods, main_inputs)
-    needs = {need for name in names for need in get_method(name).needs}
-    if needs & {TRAIN_GRADS, QUERY_GRADS, LOSSES}:
-        _gradient_stage(run, chosen, block_by, main_inputs.train_grads)
-    if ALL_CHECKPOINTS in needs:
+    across = [m for m in names if ALL_CHECKPOINTS in get_method(m).needs]
+    # methods that use other methods' scores (fusion) go last, so they reuse what was computed
+    single = sorted((m for m in names if m not in across), key=lambda m: CANARIES in get_method(m).needs)
+    if across:
         for ckpt in run.checkpoints:
             _gradient_stage(run, ckpt, block_by, inputs_at(ckpt).train_grads)
     with run.dir.stage("score") as rec:
-        scored = score_methods(names, main_inputs, options=options, on_method=on_method)
+        per_checkpoint: dict[str, dict[str, Scores]] = {}
+        for ckpt in run.checkpoints if sweep and len(run.checkpoints) > 1 else [chosen]:
+            inputs = main_inputs if ckpt.path == chosen.path else inputs_at(ckpt)
+            if _needs_gradients(single):
+                _gradient_stage(run, ckpt, block_by, inputs.train_grads)
+            at = score_methods(
+                single, inputs, options=options, on_method=on_method if inputs is main_inputs else None
+            )
+            for s in at.values():
+                s.meta.setdefault("checkpoint", ckpt.path)
+            per_checkpoint[ckpt.tag] = at
+        scored = dict(per_checkpoint[chosen.tag])
+        scored.update(score_methods(across, main_inputs, options=options, on_method=on_method))
         for s in scored.values():
-            s.meta.setdefault("checkpoint", chosen.path)
             s.meta.update(query=query_name, block_by=block_by)
-        if every and len(run.checkpoints) > 1:
-            per_checkpoint = [m for m in names if ALL_CHECKPOINTS not in get_method(m).needs]
-            for ckpt in run.checkpoints:
-                if ckpt.path == chosen.path:
-                    at = scored
-                else:
-                    inputs = inputs_at(ckpt)
-                    _gradient_stage(run, ckpt, block_by, inputs.train_grads)
-                    at = score_methods(per_checkpoint, inputs, options=options)
-                for name in per_checkpoint:
-                    s = at[name]
-                    s.meta.setdefault("checkpoint", ckpt.path)
-                    tagged = f"{name}@{ckpt.tag}"
-                    scored[tagged] = replace(s, method=tagged, meta=dict(s.meta))
+        if run.canary_ids:
+            _canary_aurocs(
+                [s for at in per_checkpoint.values() for s in at.values()] + list(scored.values()),
+                run.canary_ids,
+            )
+        if checkpoint == "canary":
+            scored.update(_best_on_canaries(per_checkpoint))
+        if len(per_checkpoint) > 1:
+            for tag, at in per_checkpoint.items():
+                for name, s in at.items():
+                    scored[f"{name}@{tag}"] = replace(s, method=f"{name}@{tag}", meta=dict(s.meta))
+        if run.canary_ids:
+            scored = {name: drop_canaries(s, run.canary_ids) for name, s in scored.items()}
         remove_epoch_scores(run.layout, names)
         save_scores(run.layout, scored)
         previous = dict(run.dir.stage_info("score").get("methods", {}))
@@ -113,12 +137,40 @@ def score_run(
         rec.info.update(
             checkpoint=chosen.path,
             checkpoint_tag=chosen.tag,
+            checkpoint_rule=checkpoint,
             query=query_name,
             block_by=block_by,
             grad_dtype=grad_dtype,
             methods=previous,
         )
     return scored
+
+
+def _needs_gradients(names: Sequence[str]) -> bool:
+    return any({TRAIN_GRADS, QUERY_GRADS, LOSSES} & set(get_method(m).needs) for m in names)
+
+
+def _canary_aurocs(scores: Sequence[Scores], canary_ids: Sequence[str]) -> None:
+    """Record in each vector's meta how well it ranks the canaries above the other rows (AUROC)."""
+    from infscope.evaluate.metrics import auroc
+
+    for s in scores:
+        if np.ndim(s.values) != 1 or "canary_auroc" in s.meta:
+            continue
+        mask = canary_mask(s.train_ids, canary_ids)
+        s.meta["canary_auroc"] = auroc(s.vector(), mask) if 0 < mask.sum() < len(mask) else None
+
+
+def _best_on_canaries(per_checkpoint: dict[str, dict[str, Scores]]) -> dict[str, Scores]:
+    """For each method, the checkpoint whose scores rank the canaries highest (first on ties)."""
+    chosen: dict[str, Scores] = {}
+    for tag, at in per_checkpoint.items():
+        for name, s in at.items():
+            value = s.meta.get("canary_auroc")
+            current = chosen.get(name)
+            if current is None or (value is not None and value > (current.meta.get("canary_auroc") or -1)):
+                chosen[name] = replace(s, meta={**s.meta, "checkpoint_rule": "canary", "checkpoint_tag": tag})
+    return chosen
 
 
 def gradient_stage_name(ckpt: Checkpoint, block_by: str) -> str:

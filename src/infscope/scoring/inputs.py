@@ -15,6 +15,7 @@ import pandas as pd
 from infscope.errors import InfscopeError
 from infscope.estimators.inputs import (
     ALL_CHECKPOINTS,
+    CANARIES,
     DYNAMICS,
     LOSSES,
     MODEL,
@@ -61,6 +62,8 @@ class RunInputs:
         self.block_by = block_by
         self.aggregate = aggregate
         self.seed = run.spec.seed if seed is None else int(seed)
+        #: Scores computed for these inputs, by method: shared by score_methods and scores_of.
+        self.score_cache: dict[str, Any] = {}
 
     @property
     def task(self) -> str:
@@ -79,6 +82,8 @@ class RunInputs:
             return all(c.optimizer_path for c in self.run.checkpoints)
         if need == DYNAMICS:
             return self.run.layout.dynamics.is_file()
+        if need == CANARIES:
+            return bool(self.run.canary_ids)
         return False
 
     @functools.cache  # noqa: B019 - one instance per scoring call; the cache is the point
@@ -162,6 +167,15 @@ class RunInputs:
                 f"{self.run.path} has no training dynamics ({path}); fine-tune it again with this version"
             )
         return pd.read_parquet(path)
+
+    @property
+    def canary_ids(self) -> list[str]:
+        return list(self.run.canary_ids)
+
+    def scores_of(self, names) -> dict[str, Any]:
+        from infscope.scoring.methods import score_methods
+
+        return score_methods(list(names), self)
 
     def encode_options(self) -> dict[str, Any]:
         spec = self.run.spec

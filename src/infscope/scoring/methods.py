@@ -64,8 +64,12 @@ def score_methods(
     any warnings it raised (for example LiSSA blocks that did not converge).
     """
     options = options or {}
+    cache = getattr(inputs, "score_cache", None)  # RunInputs keeps what it computed, for fusion
     out: dict[str, Scores] = {}
     for name in methods:
+        if cache is not None and name in cache and not options.get(name):
+            out[name] = cache[name]
+            continue
         method = get_method(name)
         if inputs.task not in method.tasks:
             raise InfscopeError(
@@ -88,6 +92,8 @@ def score_methods(
             scores.meta["warnings"] = [str(w.message) for w in caught[:5]]
             scores.meta["warning_count"] = len(caught)
         out[name] = scores
+        if cache is not None and not options.get(name):
+            cache[name] = scores
         if on_method:
             on_method(name, seconds)
     return out

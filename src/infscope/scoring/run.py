@@ -51,10 +51,17 @@ class OpenedRun:
     best: Checkpoint
     manifest: Path | None
     notes: list[str] = field(default_factory=list)
+    canary_ids: list[str] = field(default_factory=list)
 
     @property
     def path(self) -> Path:
         return self.dir.path
+
+    @property
+    def user_train(self) -> list[dict]:
+        """The training rows the user gave (canaries left out): what tables and evaluations cover."""
+        canaries = set(self.canary_ids)
+        return [r for r in self.train if str(r["id"]) not in canaries]
 
     @property
     def layout(self) -> RunLayout:
@@ -89,7 +96,12 @@ def open_run(path: str | os.PathLike) -> OpenedRun:
     if spec.task != _row_task(train):
         spec.task = _row_task(train)
     manifest = _manifest(run)
-    return OpenedRun(run, spec, train, val, checkpoints, best, manifest, notes)
+    canary_ids: list[str] = []
+    if run.layout.canary_rows.is_file():
+        canaries = read_jsonl(run.layout.canary_rows)
+        train = train + canaries
+        canary_ids = [str(r["id"]) for r in canaries]
+    return OpenedRun(run, spec, train, val, checkpoints, best, manifest, notes, canary_ids)
 
 
 def _row_task(rows: list[dict]) -> str:

@@ -65,6 +65,7 @@ def detection_evaluation(
                 **summary_row(report),
                 "seconds": s.meta.get("seconds"),
                 "peak_mb": s.meta.get("peak_rss_mb"),
+                "canary_auroc": s.meta.get("canary_auroc"),
             }
         )
     return out
