@@ -195,7 +195,9 @@ def test_gradient_stores_with_and_without_the_prefix_cache_agree(tmp_path, monke
     from infscope.models.finetune import FinetuneConfig, finetune
     from infscope.models.prefix import adapter_first_layer
     from infscope.models.registry import load_model
-    from infscope.scoring import ModelSpec, collect_gradients
+    import infscope.scoring.gradients as gradients
+    from infscope.runs import ModelSpec, RunLayout
+    from infscope.scoring.gradients import collect_gradients
 
     rows = [
         {"id": f"r{i}", "instruction": f"Add one to {i}.", "input": "", "output": f"The answer is {i + 1}."}
@@ -217,24 +219,25 @@ def test_gradient_stores_with_and_without_the_prefix_cache_agree(tmp_path, monke
         return state
 
     monkeypatch.setattr(prefix.PrefixStates, "get", spy)
-    fast = collect_gradients(spec, checkpoint, rows[:8], rows[8:], tmp_path / "fast")
+    layouts = {run: RunLayout(tmp_path / run) for run in ("fast", "slow")}
+    fast = collect_gradients(spec, layouts["fast"], checkpoint, rows[:8], rows[8:])
     # base-loss pass fills the cache with the 8 training rows; their gradient pass hits it; 2 query rows miss
     assert (len(found), sum(found)) == (18, 8)
-    monkeypatch.setattr(prefix, "adapter_first_layer", lambda _: None)  # cache off: full model every pass
-    slow = collect_gradients(spec, checkpoint, rows[:8], rows[8:], tmp_path / "slow")
+    monkeypatch.setattr(gradients, "adapter_first_layer", lambda _: None)  # cache off: full model every pass
+    slow = collect_gradients(spec, layouts["slow"], checkpoint, rows[:8], rows[8:])
     import pandas as pd
 
     from infscope.grads.store import GradientStore
 
     assert fast["train_rows"] == slow["train_rows"] == 8
     for name in ("train", "val"):
-        a, b = (GradientStore.open(tmp_path / run / "grads" / name) for run in ("fast", "slow"))
+        a, b = (GradientStore.open(layouts[run].grads(checkpoint, name)) for run in ("fast", "slow"))
         assert a.block_names == b.block_names
         for block in a.block_names:
             np.testing.assert_allclose(
                 a.load_block(block).numpy(), b.load_block(block).numpy(), rtol=1e-4, atol=1e-7
             )
-    fast_loss, slow_loss = (pd.read_parquet(tmp_path / run / "losses.parquet") for run in ("fast", "slow"))
+    fast_loss, slow_loss = (pd.read_parquet(layouts[run].losses(checkpoint)) for run in ("fast", "slow"))
     for column in ("loss", "base_loss"):
         np.testing.assert_allclose(fast_loss[column], slow_loss[column], rtol=1e-5)
 

@@ -12,7 +12,7 @@ from infscope.cli import app, console
 cache_app = typer.Typer(help="Manage the local cache of Hugging Face Hub datasets.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
-_CACHE_DIR_HELP = "Cache folder [default: $INFSCOPE_CACHE or ~/.cache/infscope/hub]."
+_CACHE_DIR_HELP = "Cache folder (default: $INFSCOPE_CACHE or ~/.cache/infscope/hub)."
 
 
 def _size(num_bytes: int) -> str:

@@ -77,7 +77,7 @@ def clean_command(
     manifest: Path | None = typer.Option(
         None,
         "--manifest",
-        help="Injected-noise manifest for the oracle baseline [default: DATA's .manifest.jsonl].",
+        help="Injected-noise manifest for the oracle baseline (default: DATA's .manifest.jsonl).",
     ),
     model: str = typer.Option(
         "smollm2-135m", "--model", "-m", help="Base model (tiny-llama / tiny-bert for tests)."

@@ -110,7 +110,7 @@ def show_command(
     source: str = typer.Argument(..., help="Data file, saved datasets folder, builtin:NAME or Hub name."),
     n: int = typer.Option(5, "--n", help="Rows to print."),
     task: str | None = typer.Option(
-        None, "--task", help="instruction or classification [default: detected]."
+        None, "--task", help="instruction or classification (default: detected)."
     ),
     split: str = typer.Option(
         "train", "--split", help="Split of a datasets folder, Hub or built-in dataset."

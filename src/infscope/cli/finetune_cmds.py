@@ -16,8 +16,7 @@ from rich.table import Table
 from infscope.cli import app, console
 from infscope.cli.options import Threads, column_options
 from infscope.data.training import find_manifest, load_training_data
-from infscope.models.finetune import FinetuneConfig
-from infscope.models.lora import LoraSpec
+from infscope.models.config import FinetuneConfig, LoraSpec
 from infscope.runs import ModelSpec, RunDir, RunRecord
 
 FT = FinetuneConfig()
@@ -65,7 +64,7 @@ def finetune_command(
         None,
         "--manifest",
         help="Known-bad rows of DATA for `infscope evaluate` (a noise manifest, id + is_noisy JSONL, or ids "
-        "one a line) [default: DATA's .manifest.jsonl if present].",
+        "one a line) (default: DATA's .manifest.jsonl if present).",
     ),
     epochs: int = typer.Option(FT.epochs, "--epochs", help="Number of epochs (one checkpoint each)."),
     lr: float = typer.Option(FT.lr, "--lr", help="Peak learning rate of AdamW."),
@@ -76,12 +75,12 @@ def finetune_command(
     rank: int = typer.Option(LORA.r, "--rank", help="LoRA rank r."),
     alpha: float = typer.Option(LORA.alpha, "--alpha", help="LoRA alpha (scale alpha/r)."),
     target_modules: str | None = typer.Option(
-        None, "--target-modules", help="Comma-separated module names for LoRA [default: q/v projections]."
+        None, "--target-modules", help="Comma-separated module names for LoRA (default: q/v projections)."
     ),
     lora_layers: str | None = typer.Option(
         None,
         "--lora-layers",
-        help="Decoder layers that get LoRA: all, top:N or a list like 20-29 [default: all]. "
+        help="Decoder layers that get LoRA: all, top:N or a list like 20-29 (default: all). "
         "With top:N the frozen layers below run once per row and are cached.",
     ),
     max_length: int = typer.Option(
@@ -105,7 +104,7 @@ def finetune_command(
         None,
         "--canary-noise",
         help="Noise of the canaries: response_swap, label, wrong_answer, a family or operator "
-        "[default: response_swap for instruction data, label for classification].",
+        "(default: response_swap for instruction data, label for classification).",
     ),
     threads: Threads = None,
     overwrite: bool = typer.Option(

@@ -105,7 +105,7 @@ def noise_command(
     ),
     ratio: float | None = typer.Option(None, "--ratio", help="One noise ratio in (0, 1]."),
     ratios: str | None = typer.Option(
-        None, "--ratios", help="Comma list of ratios, e.g. 0.05,0.1,0.2 [default: 0.2]."
+        None, "--ratios", help="Comma list of ratios, e.g. 0.05,0.1,0.2 (default: 0.2)."
     ),
     strategy: str = typer.Option(
         "balanced",
@@ -126,10 +126,10 @@ def noise_command(
     seed: int = typer.Option(0, "--seed", help="Seed of every random choice (per row: seed, id, operator)."),
     out: Path = typer.Option(Path("noise_out"), "--out", "-o", help="Output folder."),
     format: str | None = typer.Option(
-        None, "--format", help="Output format jsonl|parquet|json|csv [default: as input]."
+        None, "--format", help="Output format jsonl|parquet|json|csv (default: as input)."
     ),
     task: str | None = typer.Option(
-        None, "--task", help="instruction or classification [default: detected]."
+        None, "--task", help="instruction or classification (default: detected)."
     ),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before large runs."),
     instruction_col: str | None = typer.Option(

@@ -31,13 +31,13 @@ COLUMN_FLAGS: tuple[tuple[str, str, str], ...] = (
 
 Threads = Annotated[
     int | None,
-    typer.Option("--threads", help="CPU threads for torch [default: the cores other jobs leave idle]."),
+    typer.Option("--threads", help="CPU threads for torch (default: the cores other jobs leave idle)."),
 ]
 
 
 def column_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Give ``command`` the column flags; it must take a ``columns`` keyword instead."""
-    signature = inspect.signature(command)
+    signature = inspect.signature(command, eval_str=True)  # real annotations: typer reads Annotated options
     kept = [p for p in signature.parameters.values() if p.name != "columns"]
     added = [
         inspect.Parameter(

@@ -23,7 +23,7 @@ def peers_command(
     peers: str = typer.Option(
         "all", "--peers", help="Comma-separated peer names, or 'all' (not installed ones give an error row)."
     ),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder [default: RUN/peers]."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default: RUN/peers)."),
     timeout: float | None = typer.Option(
         None, "--timeout", help="Seconds per peer before it becomes an error row."
     ),

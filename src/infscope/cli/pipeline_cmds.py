@@ -75,7 +75,7 @@ def demo_command(
         "smollm2-135m", "--model", "-m", help="smollm2-135m (real) or tiny-llama (fast)."
     ),
     out: Path | None = typer.Option(
-        None, "--out", "-o", help="Run directory [default: infscope-demo-MODEL]."
+        None, "--out", "-o", help="Run directory (default: infscope-demo-MODEL)."
     ),
     dataset: str = typer.Option("sentence_transform", "--dataset", help="Built-in dataset to generate."),
     classes: int = typer.Option(10, "--classes", help="Classes of the built-in dataset."),
@@ -88,7 +88,7 @@ def demo_command(
     weights: str | None = typer.Option(
         None,
         "--weights",
-        help="Noise weights over families/operators [default: the demo mix; 'none' uses --strategy].",
+        help="Noise weights over families/operators (default: the demo mix; 'none' uses --strategy).",
     ),
     epochs: int = typer.Option(2, "--epochs", help="Fine-tuning epochs (one checkpoint each)."),
     lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate."),
@@ -168,7 +168,7 @@ def score_command(
         help="Comma-separated methods, or 'all' (every method the run can feed).",
     ),
     query: str | None = typer.Option(
-        None, "--query", help="Query rows [default: the run's validation rows]."
+        None, "--query", help="Query rows (default: the run's validation rows)."
     ),
     checkpoint: str = typer.Option(
         "best",
@@ -181,16 +181,16 @@ def score_command(
     val: str | None = typer.Option(
         None,
         "--val",
-        help="Validation rows of external adapters [default: a --val-fraction split of --data].",
+        help="Validation rows of external adapters (default: a --val-fraction split of --data).",
     ),
     val_fraction: float = typer.Option(
         0.1, "--val-fraction", help="Share of --data held out when --val is absent."
     ),
     base_model: str | None = typer.Option(
-        None, "--base-model", help="Base model of external adapters [default: adapter_config.json's]."
+        None, "--base-model", help="Base model of external adapters (default: adapter_config.json's)."
     ),
     out: Path | None = typer.Option(
-        None, "--out", "-o", help="Run directory for external adapters [default: infscope-score-NAME]."
+        None, "--out", "-o", help="Run directory for external adapters (default: infscope-score-NAME)."
     ),
     manifest: Path | None = typer.Option(
         None, "--manifest", help="Known-bad rows of --data, for `infscope evaluate`."
@@ -313,7 +313,7 @@ def evaluate_command(
         [],
         "--manifest",
         help="Known-bad rows: a noise manifest, id + is_noisy JSONL, or noisy ids one a line "
-        "[default: the run's own]; repeat once per run when evaluating several.",
+        "(default: the run's own); repeat once per run when evaluating several.",
     ),
     k: list[int] = typer.Option([], "--k", help="Extra cut-offs for precision/recall at k."),
     as_json: bool = typer.Option(False, "--json", help="Print the evaluation as JSON."),

@@ -28,24 +28,24 @@ import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
 from infscope.errors import InfscopeError
+from infscope.models.config import FinetuneConfig
 from infscope.models.encode import IGNORE_INDEX, Encoded, batch_order, collate, encode_rows
-from infscope.models.lora import LoraSpec, attach_lora, trainable_parameters
+from infscope.models.lora import attach_lora, trainable_parameters
 from infscope.models.loss import check_finite, forward_logits_losses, per_example_loss
 from infscope.models.prefix import frozen_prefix
 from infscope.models.registry import LoadedModel, resolve_device, resolve_dtype
 from infscope.progress import progress as progress_bar
 from infscope.runs import atomic_path, atomic_write_json, ensure_writable_dir
 
-SCHEDULES = ("linear", "cosine", "constant")
 CHECKPOINTS_DIR = "checkpoints"
 SUMMARY_FILE = "checkpoints.json"
 STATE_FILE = "trainer_state.json"
@@ -54,80 +54,6 @@ DYNAMICS_FILE = "dynamics.parquet"
 DYNAMICS_COLUMNS = ("id", "epoch", "step", "loss", "margin", "correct", "el2n")
 #: Floats of softmax held at once while computing a causal batch's EL2N (64 MB in float32).
 _EL2N_CHUNK_FLOATS = 1 << 24
-
-
-@dataclass
-class FinetuneConfig:
-    """Fine-tuning settings (validated on creation).
-
-    ``lr`` defaults to 1e-3, which moves LoRA adapters of small models (tiny test models,
-    SmolLM2-135M) within a few epochs; 2e-4 is closer to what larger models want. ``eval_every``
-    is ``"epoch"`` or a number of optimiser steps between validation losses (logged in the
-    trainer state). ``device``/``dtype`` ``None`` keep the model's own. ``record_dynamics`` keeps
-    each row's loss, margin, correctness and error norm from the training forward pass (no extra
-    pass; the trained weights are the same either way) in ``dynamics.parquet``.
-    """
-
-    epochs: int = 3
-    lr: float = 1e-3
-    batch_size: int = 8
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.1
-    schedule: str = "linear"
-    seed: int = 0
-    max_length: int = 256
-    response_only: bool = True
-    eval_every: str | int = "epoch"
-    save_every_epoch: bool = True
-    max_grad_norm: float | None = 1.0
-    device: str | None = None
-    dtype: str | None = None
-    lora: LoraSpec = field(default_factory=LoraSpec)
-    record_dynamics: bool = True
-
-    #: Options added after runs were first recorded, with their defaults. :meth:`to_dict` leaves
-    #: them out while at the default, so a run recorded before an option existed still matches.
-    LATER_OPTIONS: ClassVar[dict[str, Any]] = {"record_dynamics": True}
-
-    def __post_init__(self) -> None:
-        if isinstance(self.lora, dict):
-            self.lora = LoraSpec(**self.lora)
-        checks = [
-            (int(self.epochs) >= 1, f"epochs must be at least 1, got {self.epochs}"),
-            (float(self.lr) > 0 and math.isfinite(float(self.lr)), f"lr must be positive, got {self.lr}"),
-            (int(self.batch_size) >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
-            (float(self.weight_decay) >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (
-                0.0 <= float(self.warmup_ratio) < 1.0,
-                f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}",
-            ),
-            (
-                self.schedule in SCHEDULES,
-                f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}",
-            ),
-            (int(self.max_length) >= 2, f"max_length must be at least 2, got {self.max_length}"),
-            (
-                self.eval_every == "epoch" or (isinstance(self.eval_every, int) and self.eval_every >= 1),
-                f"eval_every must be 'epoch' or a positive number of steps, got {self.eval_every!r}",
-            ),
-            (
-                self.max_grad_norm is None or float(self.max_grad_norm) > 0,
-                f"max_grad_norm must be positive or None, got {self.max_grad_norm}",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise InfscopeError(f"{message}; fix the fine-tuning settings")
-        if self.dtype is not None:
-            resolve_dtype(self.dtype)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (later options at their default left out, see ``LATER_OPTIONS``)."""
-        data = asdict(self)
-        for name, default in self.LATER_OPTIONS.items():
-            if data.get(name) == default:
-                data.pop(name)
-        return data
 
 
 @dataclass

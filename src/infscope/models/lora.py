@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from infscope.errors import InfscopeError
+from infscope.models.config import LoraSpec, parse_layers
 
 # Default LoRA targets per ``config.model_type``: the attention query and value projections.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -37,78 +37,6 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 }
 # Names classification heads go by in transformers, tried in this order.
 HEAD_CANDIDATES = ("classifier", "score")
-
-
-@dataclass
-class LoraSpec:
-    """LoRA hyper-parameters. ``target_modules=None`` picks the architecture's attention q/v defaults."""
-
-    r: int = 8
-    alpha: float = 16
-    dropout: float = 0.0
-    target_modules: list[str] | None = None
-    #: Which decoder layers get adapters: ``None``/``"all"``, ``"top:N"`` (the last N) or a list such
-    #: as ``"20-29"`` / ``"0,2,4"``. Tuning only the top layers lets the frozen bottom run once per row
-    #: (:mod:`infscope.models.prefix`).
-    layers: str | None = None
-
-    def __post_init__(self) -> None:
-        if int(self.r) < 1:
-            raise InfscopeError(f"LoRA rank must be at least 1, got {self.r}; pass --rank 8 or similar")
-        if float(self.alpha) <= 0:
-            raise InfscopeError(f"LoRA alpha must be positive, got {self.alpha}; pass --alpha 16 or similar")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise InfscopeError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        if self.target_modules is not None:
-            self.target_modules = [str(t) for t in self.target_modules if str(t).strip()]
-            if not self.target_modules:
-                raise InfscopeError("target_modules is empty; name at least one module or leave it unset")
-        if self.layers is not None:
-            self.layers = str(self.layers).strip() or None
-            parse_layers(self.layers, None)  # syntax check now; range check once the model is known
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict (for configs and fingerprints)."""
-        return asdict(self)
-
-
-def parse_layers(spec: str | None, n_layers: int | None) -> list[int] | None:
-    """Decoder layer indices of a ``--lora-layers`` spec (``None`` = all layers).
-
-    ``"all"``, ``"top:N"`` (the last N of ``n_layers``), ``"a-b"`` ranges and comma lists, e.g. ``"0,20-29"``.
-    """
-    if spec is None or spec == "all":
-        return None
-    bad = InfscopeError(
-        f"--lora-layers {spec!r} is not understood; use all, top:N (the last N layers) or a list like 20-29"
-    )
-    if spec.startswith("top:"):
-        try:
-            count = int(spec[4:])
-        except ValueError:
-            raise bad from None
-        if count < 1:
-            raise bad
-        if n_layers is None:
-            return []
-        if count > n_layers:
-            raise InfscopeError(f"--lora-layers {spec} asks for more than the model's {n_layers} layers")
-        return list(range(n_layers - count, n_layers))
-    indices: set[int] = set()
-    for part in spec.split(","):
-        lo, _, hi = part.strip().partition("-")
-        try:
-            first, last = int(lo), int(hi or lo)
-        except ValueError:
-            raise bad from None
-        if first < 0 or last < first:
-            raise bad
-        indices.update(range(first, last + 1))
-    if n_layers is not None and max(indices) >= n_layers:
-        raise InfscopeError(
-            f"--lora-layers {spec} names layer {max(indices)}, but the model has {n_layers} layers"
-        )
-    return sorted(indices)
 
 
 def _layer_count(model: nn.Module) -> int | None:
