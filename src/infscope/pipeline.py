@@ -22,7 +22,8 @@ from infscope.estimators.registry import DEFAULT_METHODS
 from infscope.runs import DataSource, ModelSpec, RunDir, RunRecord, atomic_write_json, read_jsonl
 from infscope.scoring.methods import parse_methods
 
-CHECKPOINT_CHOICES = ("best", "last")
+#: Which checkpoint is scored: lowest validation loss, the last, every one, or each method's best on canaries.
+CHECKPOINT_CHOICES = ("best", "last", "all", "canary")
 #: The demo's noise: label-preserving grammar and quality noise, semantic noise, and enough
 #: label-changing response swaps (mismatched instruction/response pairs) to measure each family.
 DEMO_NOISE = "grammar=0.3,quality=0.2,response_swap=0.3,semantic=0.2"
@@ -69,6 +70,10 @@ class PipelineConfig:
         self.methods = tuple(parse_methods(list(self.methods), keep_all=True))
         if not 0 <= self.noise_ratio <= 1:
             raise InfscopeError(f"noise ratio {self.noise_ratio} is outside [0, 1]; pass e.g. --ratio 0.2")
+        if self.checkpoint == "canary" and not self.canaries:
+            raise InfscopeError(
+                "checkpoint 'canary' needs canaries; pass --canaries 0.05 (or choose best, last, all)"
+            )
         if self.checkpoint not in CHECKPOINT_CHOICES:
             raise InfscopeError(
                 f"checkpoint {self.checkpoint!r} is not one of {', '.join(CHECKPOINT_CHOICES)}"
@@ -239,7 +244,7 @@ def stage_finetune(run: RunDir, cfg: PipelineConfig, train, val) -> dict[str, An
             result = finetune(
                 loaded, train, val, finetune_config(cfg), run.layout.finetune, label_names=labels
             )
-            chosen = result.best if cfg.checkpoint == "best" else result.checkpoints[-1]
+            chosen = result.checkpoints[-1] if cfg.checkpoint == "last" else result.best
             rec.info.update(
                 checkpoint=str(chosen.path),
                 epoch=chosen.epoch,
@@ -273,7 +278,8 @@ def stage_score(run: RunDir, cfg: PipelineConfig) -> dict[str, Any]:
             from infscope.scoring.methods import parse_methods
 
             opened = open_run(run.path)
-            inputs = RunInputs(opened, opened.checkpoint(cfg.checkpoint), opened.val, aggregate=False)
+            rule = cfg.checkpoint if cfg.checkpoint in ("best", "last") else "best"
+            inputs = RunInputs(opened, opened.checkpoint(rule), opened.val, aggregate=False)
             matrices = score_methods(
                 [m for m in parse_methods(cfg.methods, inputs) if get_method(m).per_query], inputs
             )
@@ -368,7 +374,8 @@ def run_pipeline(
         run.save()
     say(f"finetune: {cfg.model}, LoRA r={cfg.rank}, {cfg.epochs} epochs on {len(train)} rows")
     ft = stage_finetune(run, cfg, train, val)
-    say(f"score: {', '.join(cfg.methods)} at epoch {ft['epoch']} ({cfg.checkpoint} validation loss)")
+    where = {"best": f"epoch {ft['epoch']} (best validation loss)", "last": "the last epoch"}
+    say(f"score: {', '.join(cfg.methods)} at {where.get(cfg.checkpoint, cfg.checkpoint + ' checkpoints')}")
     scores = stage_score(run, cfg)
     run = RunDir.open(out_dir)
     evaluation = stage_evaluate(run, cfg, scores, manifest, train, val)

@@ -95,11 +95,23 @@ def demo_command(
     lora_layers: str | None = typer.Option(
         None, "--lora-layers", help="Decoder layers that get LoRA: all, top:N or a list like 20-29."
     ),
-    methods: str = typer.Option("all", "--method", help="Comma-separated methods or 'all'."),
-    checkpoint: str = typer.Option("best", "--checkpoint", help="Score the best (lowest val loss) or last."),
+    methods: str = typer.Option("default", "--method", help="Comma-separated methods, 'default' or 'all'."),
+    checkpoint: str = typer.Option(
+        "best",
+        "--checkpoint",
+        help="best (lowest validation loss), last, all, or canary (each method's best on canaries).",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed for data, noise, LoRA init and batch order."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
+    canaries: float | None = typer.Option(
+        None,
+        "--canaries",
+        help="Share of canary rows (corrupted copies) to calibrate `fusion` and the checkpoint.",
+    ),
+    canary_noise: str | None = typer.Option(
+        None, "--canary-noise", help="Noise of the canaries (see finetune)."
+    ),
     threads: Threads = None,
     report: bool = typer.Option(True, "--report/--no-report", help="Write RUN/report.html at the end."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run made with other arguments."),
@@ -122,6 +134,8 @@ def demo_command(
         lr=lr,
         lora_layers=lora_layers,
         methods=tuple(methods.split(",")),
+        canaries=canaries or None,
+        canary_noise=canary_noise if canaries else None,
         checkpoint=checkpoint,
         seed=seed,
         device=device,
@@ -173,7 +187,8 @@ def score_command(
     checkpoint: str = typer.Option(
         "best",
         "--checkpoint",
-        help="best, last, epoch-N, or all (the others saved as METHOD@epoch-N, ranked side by side by evaluate).",
+        help="best, last, epoch-N, all (every checkpoint also saved as METHOD@epoch-N, ranked side by side by "
+        "evaluate) or canary (each method at the checkpoint that ranks the run's canaries highest).",
     ),
     data: str | None = typer.Option(
         None, "--data", help="Training rows of external adapters (same forms as finetune's DATA)."
