@@ -25,6 +25,9 @@ from infscope.models.encode import Encoded
 from infscope.peers import PeerInputs, run_peer
 from infscope.peers.agreement import max_rel_diff, spearman
 
+#: Run by the CI step that installs the peers extras (`pytest -m peers`), not by the default test command.
+pytestmark = pytest.mark.peers
+
 VOCAB = 40
 
 
