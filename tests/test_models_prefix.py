@@ -192,10 +192,10 @@ def test_gradient_stores_with_and_without_the_prefix_cache_agree(tmp_path, monke
     """collect_gradients on a top-layer adapter (prefix cache on) equals the same passes with the cache off."""
     import numpy as np
 
+    import infscope.scoring.gradients as gradients
     from infscope.models.finetune import FinetuneConfig, finetune
     from infscope.models.prefix import adapter_first_layer
     from infscope.models.registry import load_model
-    import infscope.scoring.gradients as gradients
     from infscope.runs import ModelSpec, RunLayout
     from infscope.scoring.gradients import collect_gradients
 

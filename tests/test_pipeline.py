@@ -271,3 +271,45 @@ def test_busy_cores_sees_a_process_spinning_now():
     finally:
         spinner.kill()
         spinner.wait()
+
+
+def test_pairing_measurement_query_is_the_gradient_of_own_minus_shuffled_prompt_loss(run_copy):
+    """hessian_free+pairing = -G v with v the mean over validation rows of grad [L(A|Q) - L(A|Q')], by autograd per row."""
+    from infscope.grads.store import GradientStore
+    from infscope.models.lora import load_adapter
+    from infscope.models.registry import load_model
+    from infscope.scoring import open_run
+    from infscope.scoring.gradients import encode_for, shuffled_prompts
+
+    opened = open_run(run_copy)
+    scored = score_run(run_copy, ["hessian_free", "loss"], measurement="pairing")
+    assert "hessian_free+pairing" in scored and "loss" in scored  # the loss does not use the query
+    ckpt = opened.best.path
+    loaded = load_model("tiny-llama", seed=0)
+    model = load_adapter(loaded, ckpt, trainable=True).eval()  # gradients are taken in eval mode (no dropout)
+    params = dict(model.named_parameters())
+    names = [n for n in params if params[n].requires_grad]
+    shuffled = shuffled_prompts(opened.val, opened.spec.seed)
+    assert all(a["id"] == b["id"] and a["output"] == b["output"] for a, b in zip(opened.val, shuffled, strict=True))
+    assert all(a["instruction"] + a.get("input", "") != b["instruction"] + b.get("input", "")
+               for a, b in zip(opened.val, shuffled, strict=True))
+
+    def row_grad(row):
+        enc = encode_for(opened.spec, [row], loaded.tokenizer)
+        ids, labels = torch.tensor([enc.input_ids[0]]), torch.tensor(enc.labels[0][1:])
+        logits = model(input_ids=ids).logits[0, :-1]
+        keep = labels != -100
+        loss = torch.nn.functional.cross_entropy(logits[keep], labels[keep])
+        return torch.autograd.grad(loss, [params[n] for n in names])
+
+    total = None
+    for own, other in zip(opened.val, shuffled, strict=True):
+        diff = [a - b for a, b in zip(row_grad(own), row_grad(other), strict=True)]
+        total = diff if total is None else [t + d for t, d in zip(total, diff, strict=True)]
+    v = {n: (t / len(opened.val)).reshape(-1).double() for n, t in zip(names, total, strict=True)}
+    train = GradientStore.open(RunLayout(run_copy).grads(ckpt, "train"))
+    expected = np.zeros(len(train.ids))
+    for block in train.block_names:
+        expected -= train.load_block(block, torch.float64).numpy() @ v[block + ".weight"].numpy()
+    got = pd.Series(scored["hessian_free+pairing"].values, index=scored["hessian_free+pairing"].train_ids)
+    np.testing.assert_allclose(got.loc[train.ids].to_numpy(), expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())

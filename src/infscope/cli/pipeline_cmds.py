@@ -190,6 +190,12 @@ def score_command(
         help="best, last, epoch-N, all (every checkpoint also saved as METHOD@epoch-N, ranked side by side by "
         "evaluate) or canary (each method at the checkpoint that ranks the run's canaries highest).",
     ),
+    measurement: str = typer.Option(
+        "loss",
+        "--measurement",
+        help="What the query gradient measures: loss (the validation loss) or pairing (own prompt versus "
+        "another row's: does a training row teach the model to ignore its instructions?).",
+    ),
     data: str | None = typer.Option(
         None, "--data", help="Training rows of external adapters (same forms as finetune's DATA)."
     ),
@@ -272,6 +278,7 @@ def score_command(
         grad_dtype=grad_dtype,
         batch_size=batch_size,
         block_by=block_by,
+        measurement=measurement,
         on_method=lambda name, seconds: console.print(f"  {name}: {seconds:.2f} s"),
     )
     _print_score_summary(run, scored, top, show_blocks)

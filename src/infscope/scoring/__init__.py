@@ -58,6 +58,7 @@ def score_run(
     block_by: str = "matrix",
     options: dict[str, dict[str, Any]] | None = None,
     on_method: Any = None,
+    measurement: str = "loss",
 ) -> dict[str, Scores]:
     """Score a fine-tuned run with ``methods`` and save ``scores/`` and ``results/``; returns ``{method: Scores}``.
 
@@ -69,7 +70,10 @@ def score_run(
 
     Canary rows (``infscope finetune --canaries``) are scored with the user's rows, their AUROC is
     kept in each method's meta (``canary_auroc``), and they are dropped before anything is saved or
-    returned. Scoring a method again removes its earlier ``@<tag>`` scores. The run records which
+    returned. ``measurement="pairing"`` takes the query gradient of ``sum_v [L(A_v|Q_v) - L(A_v|Q_v')]``
+    (own prompt versus another row's) instead of the validation loss, asking "does this training row
+    teach the model to ignore its instructions?"; the methods that use query gradients are then
+    saved as ``<method>+pairing``. Scoring a method again removes its earlier ``@<tag>`` scores. The run records which
     checkpoint, query and block grouping were scored (stage ``score``), for peers and the report.
     """
     run = run_dir if isinstance(run_dir, OpenedRun) else open_run(run_dir)
@@ -85,7 +89,13 @@ def score_run(
 
     def inputs_at(ckpt: Checkpoint) -> RunInputs:
         return RunInputs(
-            run, ckpt, query_rows, query_name=query_name, grad_dtype=grad_dtype, block_by=block_by
+            run,
+            ckpt,
+            query_rows,
+            query_name=query_name,
+            grad_dtype=grad_dtype,
+            block_by=block_by,
+            measurement=measurement,
         )
 
     main_inputs = inputs_at(chosen)
@@ -125,7 +135,11 @@ def score_run(
                     scored[f"{name}@{tag}"] = replace(s, method=f"{name}@{tag}", meta=dict(s.meta))
         if run.canary_ids:
             scored = {name: drop_canaries(s, run.canary_ids) for name, s in scored.items()}
-        remove_epoch_scores(run.layout, names)
+        if measurement != "loss":
+            scored = _renamed_for_measurement(scored, measurement)
+        remove_epoch_scores(
+            run.layout, names if measurement == "loss" else [f"{m}+{measurement}" for m in names]
+        )
         save_scores(run.layout, scored)
         previous = dict(run.dir.stage_info("score").get("methods", {}))
         previous.update(
@@ -141,9 +155,23 @@ def score_run(
             query=query_name,
             block_by=block_by,
             grad_dtype=grad_dtype,
+            measurement=measurement,
             methods=previous,
         )
     return scored
+
+
+def _renamed_for_measurement(scored: dict[str, Scores], measurement: str) -> dict[str, Scores]:
+    """``<method>+<measurement>`` for the methods whose scores depend on the query gradient."""
+    out = {}
+    for name, s in scored.items():
+        base, _, tag = name.partition("@")
+        uses_query = {QUERY_GRADS, ALL_CHECKPOINTS} & set(get_method(base).needs)
+        if uses_query:
+            name = f"{base}+{measurement}" + (f"@{tag}" if tag else "")
+            s = replace(s, method=name, meta={**s.meta, "measurement": measurement})
+        out[name] = s
+    return out
 
 
 def _needs_gradients(names: Sequence[str]) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from infscope.data.formatting import prompt_response_view, with_response
 from infscope.errors import InfscopeError
 from infscope.grads.store import INDEX_FILE, GradientStore, collect_to_store, dtype_name
 from infscope.models.encode import encode_rows
@@ -147,3 +148,60 @@ def _complete(path) -> bool:
         return bool(GradientStore.open(path).is_complete)
     except InfscopeError:
         return False
+
+
+def query_gradients(
+    spec: ModelSpec,
+    layout: RunLayout,
+    checkpoint: str,
+    rows: Sequence[dict],
+    name: str,
+    *,
+    grad_dtype: str = "float32",
+    block_by: str = "matrix",
+) -> GradientStore:
+    """A gradient store of extra query rows at ``checkpoint`` (``scoring/<ckpt>/grads/<name>``), resumable."""
+    path = layout.grads(checkpoint, name, block_by)
+    if _store_differs(path, block_by, grad_dtype):
+        shutil.rmtree(path)
+    if not _complete(path):
+        loaded = load_spec(spec)
+        loaded.model.requires_grad_(False)
+        encoded = encode_for(spec, rows, loaded.tokenizer)
+        model = load_adapter(loaded, checkpoint)
+        depth = adapter_first_layer(checkpoint)
+        with frozen_prefix(model, PrefixStates(depth) if depth else None):
+            collect_to_store(
+                model,
+                encoded,
+                path,
+                batch_size=spec.batch_size,
+                dtype=grad_dtype,
+                block_by=block_by,
+                meta={"checkpoint": str(checkpoint)},
+                progress_label=f"gradients {name}",
+            )
+    return GradientStore.open(path)
+
+
+def shuffled_prompts(rows: Sequence[dict], seed: int) -> list[dict]:
+    """Each row's response under another row's whole prompt (a seeded derangement), ids kept.
+
+    The counterpart of the pairing measurement ``f = sum_v [L(A_v|Q_v) - L(A_v|Q_v')]``: the
+    response stays, the instruction (and input, or earlier chat turns) comes from row ``v'``.
+    """
+    n = len(rows)
+    if n < 2:
+        raise InfscopeError("the pairing measurement needs at least 2 query rows; pass a larger --query set")
+    rng = np.random.default_rng(seed)
+    shift = 1 + int(rng.integers(n - 1))  # a cyclic shift of a random order: nobody keeps their prompt
+    order = rng.permutation(n)
+    partner = np.empty(n, dtype=int)
+    partner[order] = order[(np.arange(n) + shift) % n]
+    out = []
+    for i, row in enumerate(rows):
+        _, response = prompt_response_view(row)
+        moved = with_response(rows[int(partner[i])], response)
+        moved["id"] = row["id"]
+        out.append(moved)
+    return out

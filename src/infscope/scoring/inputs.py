@@ -25,10 +25,13 @@ from infscope.estimators.inputs import (
     CheckpointGradients,
 )
 from infscope.grads.base import GradientSet, InMemoryGradients, to_memory
-from infscope.scoring.gradients import checkpoint_gradients
+from infscope.scoring.gradients import checkpoint_gradients, query_gradients, shuffled_prompts
 from infscope.scoring.run import Checkpoint, OpenedRun
 
 IN_MEMORY_LIMIT = 2 << 30
+#: What the query gradient measures: the validation loss, or how much the model relies on each
+#: validation prompt (``L(A|Q) - L(A|Q')``, own prompt versus another row's).
+MEASUREMENTS = ("loss", "pairing")
 
 
 def in_memory_if_small(grads: GradientSet, limit_bytes: int = IN_MEMORY_LIMIT) -> GradientSet:
@@ -53,6 +56,7 @@ class RunInputs:
         block_by: str = "matrix",
         aggregate: bool = True,
         seed: int | None = None,
+        measurement: str = "loss",
     ) -> None:
         self.run = run
         self.checkpoint = checkpoint
@@ -62,6 +66,11 @@ class RunInputs:
         self.block_by = block_by
         self.aggregate = aggregate
         self.seed = run.spec.seed if seed is None else int(seed)
+        if measurement not in MEASUREMENTS:
+            raise InfscopeError(f"unknown measurement {measurement!r}; use {' or '.join(MEASUREMENTS)}")
+        if measurement == "pairing" and run.spec.task != "instruction":
+            raise InfscopeError("the pairing measurement needs instruction data; use --measurement loss")
+        self.measurement = measurement
         #: Scores computed for these inputs, by method: shared by score_methods and scores_of.
         self.score_cache: dict[str, Any] = {}
 
@@ -104,7 +113,25 @@ class RunInputs:
         return in_memory_if_small(self._at(self.checkpoint.path)[0])
 
     def query_grads(self) -> GradientSet:
-        return self._at(self.checkpoint.path)[1]
+        return self._query_at(self.checkpoint.path)
+
+    @functools.cache  # noqa: B019
+    def _query_at(self, path: str) -> GradientSet:
+        """The query gradient of the measurement: the loss, or the pairing gap (own minus shuffled prompt)."""
+        own = self._at(path)[1]
+        if self.measurement == "loss":
+            return own
+        shuffled = query_gradients(
+            self.run.spec,
+            self.run.layout,
+            path,
+            shuffled_prompts(self._query, self.seed),
+            f"{self.query_name}-shuffled",
+            grad_dtype=self.grad_dtype,
+            block_by=self.block_by,
+        )
+        blocks = {b: own.load_block(b) - shuffled.load_block(b) for b in own.block_names}
+        return InMemoryGradients(own.ids, blocks)
 
     def losses(self) -> pd.DataFrame:
         return self._at(self.checkpoint.path)[2]
@@ -113,7 +140,7 @@ class RunInputs:
     def checkpoints(self) -> list[CheckpointGradients]:
         out = []
         for c in self.run.checkpoints:
-            train, query, _ = self._at(c.path)
+            train, query = self._at(c.path)[0], self._query_at(c.path)
             lr = 1.0 if c.lr is None else float(c.lr)
             out.append(CheckpointGradients(c.tag, c.path, train, query, lr, c.optimizer_path))
         return out
