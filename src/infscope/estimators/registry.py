@@ -8,9 +8,7 @@ TracIn are methods like any other, so scoring never dispatches on a method's nam
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from infscope.errors import InfscopeError
@@ -34,6 +32,7 @@ from infscope.estimators.inputs import (
 )
 from infscope.estimators.less import LESS, TrackStar
 from infscope.estimators.lissa import LiSSA
+from infscope.estimators.method import Compute, Method, check_options
 from infscope.estimators.pair import PAIR_SCORES, pair_options
 from infscope.estimators.scores import Scores
 
@@ -54,38 +53,8 @@ def get_estimator(name: str, **kwargs: Any) -> Estimator:
     if key not in ESTIMATORS:
         raise InfscopeError(f"unknown estimator {name!r}; choose one of {', '.join(ESTIMATORS)}")
     cls = ESTIMATORS[key]
-    _check_options(key, cls, kwargs)
+    check_options(key, cls, kwargs)
     return cls(**kwargs)
-
-
-def _check_options(name: str, target: Callable, options: dict[str, Any]) -> None:
-    accepted = [p for p in inspect.signature(target).parameters if p not in ("self", "inputs")]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise InfscopeError(
-            f"method {name!r} has no option {unknown[0]!r}; its options are {', '.join(accepted) or 'none'}"
-        )
-
-
-Compute = Callable[[MethodInputs, dict[str, Any]], Scores]
-
-
-@dataclass(frozen=True)
-class Method:
-    """One scoring method: name, needs, how to compute it, and a one-line summary for ``--help``.
-
-    ``per_query``: the method can return one row per query (``aggregate=False``), for attribution.
-    ``family``: a label for tables (``influence``, ``baseline``, ``pair``, ``dynamics``, ...).
-    """
-
-    name: str
-    needs: tuple[str, ...]
-    compute: Compute
-    summary: str
-    family: str = "influence"
-    per_query: bool = False
-    options: dict[str, Any] = field(default_factory=dict)
-    tasks: tuple[str, ...] = ("instruction", "classification")
 
 
 METHODS: dict[str, Method] = {}
@@ -115,7 +84,7 @@ def _gradient_method(name: str, summary: str, **defaults: Any) -> Method:
 
     def compute(inputs: MethodInputs, options: dict[str, Any]) -> Scores:
         merged = {**defaults, **options}
-        _check_options(name, cls.__init__, merged)
+        check_options(name, cls.__init__, merged)
         estimator = cls(**merged).fit(inputs.train_grads())
         return estimator.score(inputs.query_grads(), aggregate=inputs.aggregate)
 
@@ -124,7 +93,7 @@ def _gradient_method(name: str, summary: str, **defaults: Any) -> Method:
 
 def _loss_column(column: str) -> Compute:
     def compute(inputs: MethodInputs, options: dict[str, Any]) -> Scores:
-        _check_options(column, lambda: None, options)
+        check_options(column, lambda: None, options)
         frame = inputs.losses().set_index("id").loc[inputs.train_ids]
         return baselines.from_values(frame[column].to_numpy(), inputs.train_ids, column)
 
@@ -132,18 +101,18 @@ def _loss_column(column: str) -> Compute:
 
 
 def _grad_norm(inputs: MethodInputs, options: dict[str, Any]) -> Scores:
-    _check_options("grad_norm", lambda: None, options)
+    check_options("grad_norm", lambda: None, options)
     return baselines.grad_norm_scores(inputs.train_grads())
 
 
 def _random(inputs: MethodInputs, options: dict[str, Any]) -> Scores:
-    _check_options("random", lambda seed=None: None, options)
+    check_options("random", lambda seed=None: None, options)
     return baselines.random_scores(inputs.train_ids, seed=int(options.get("seed", inputs.seed)))
 
 
 def _tracin(inputs: MethodInputs, options: dict[str, Any]) -> Scores:
     """TracIn-CP: ``sum_c lr_c (-v_c . g_{z,c})`` over every saved checkpoint."""
-    _check_options("tracin", lambda: None, options)
+    check_options("tracin", lambda: None, options)
     ckpts = inputs.checkpoints()
     pairs = [(c.train, c.lr) for c in ckpts]
     scores = HessianFree().fit(pairs).score([c.query for c in ckpts], aggregate=inputs.aggregate)
@@ -156,7 +125,7 @@ def _optimizer_aware(name: str, cls: type) -> Compute:
     """LESS / TrackStar: every checkpoint's gradients with its Adam moments, lr-weighted cosines."""
 
     def compute(inputs: MethodInputs, options: dict[str, Any]) -> Scores:
-        _check_options(name, cls.__init__, options)
+        check_options(name, cls.__init__, options)
         ckpts = inputs.checkpoints()
         fitted = cls(**{"seed": inputs.seed, **options}).fit(
             [(c.train, c.query, inputs.block_moments(c), c.lr) for c in ckpts]
@@ -170,7 +139,7 @@ def _optimizer_aware(name: str, cls: type) -> Compute:
 
 def _dynamics(name: str, fn: Callable[..., Any]) -> Compute:
     def compute(inputs: MethodInputs, options: dict[str, Any]) -> Scores:
-        _check_options(name, fn, {k: v for k, v in options.items()})
+        check_options(name, fn, {k: v for k, v in options.items()})
         values = fn(inputs.dynamics(), inputs.train_ids, **options)
         return baselines.from_values(values, inputs.train_ids, name, {"family": "dynamics"})
 
@@ -242,7 +211,7 @@ FUSION_POOL = (
 
 def _fusion(inputs: MethodInputs, options: dict[str, Any]) -> Scores:
     """Rank fusion (or the single method) that ranks the canaries highest; see :mod:`infscope.estimators.fusion`."""
-    _check_options("fusion", lambda members=None, max_members=3, top=6, grid=0.25: None, options)
+    check_options("fusion", lambda members=None, max_members=3, top=6, grid=0.25: None, options)
     pool = options.get("members") or FUSION_POOL
     pool = pool.split(",") if isinstance(pool, str) else list(pool)
     members = [
@@ -353,3 +322,25 @@ for _method in (
     ),
 ):
     register(_method)
+
+
+def _discover() -> None:
+    """Register the ``REGISTER`` list of :class:`Method` rows of every other module in this package.
+
+    A new method lives in its own module (``estimators/<name>.py``) with ``REGISTER = [Method(...)]``;
+    nothing else changes. Modules are visited in name order, after the table above.
+    """
+    import importlib
+    import pkgutil
+
+    import infscope.estimators as package
+
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+        if info.name == "registry":
+            continue
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for method in getattr(module, "REGISTER", ()):
+            register(method)
+
+
+_discover()
