@@ -67,7 +67,7 @@ def fit_ovr_logistic(
         p = 1.0 / (1.0 + np.exp(-(xa @ theta.T)))
         grad = (p - targets).T @ xa + theta * penalty
         weights = p * (1.0 - p)
-        hessian = np.einsum("nk,ni,nj->kij", weights, xa, xa)
+        hessian = (weights.T[:, :, None] * xa[None]).transpose(0, 2, 1) @ xa  # K batched X' W X
         hessian += np.diag(penalty + 1e-12)
         step = np.linalg.solve(hessian, grad[..., None])[..., 0]
         scale = np.ones(len(theta))

@@ -52,7 +52,7 @@ class SamplerSpec:
     truncation: float | None = None  # permutation: relative tolerance to U(all); None = off
     full_utility: float = 0.0
     empty_utility: float = 0.0
-    record: int = 0  # subsets (with their utilities) kept per chain for mtm_check
+    record: int = 0  # the first `record` evaluated subsets of each chain (with utilities) kept for mtm_check
 
 
 @dataclass
