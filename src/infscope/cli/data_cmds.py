@@ -1,36 +1,23 @@
 """``infscope data make`` and ``infscope data show``: built-in datasets and a look at any data source.
 
-The column-mapping flags are defined once here (:data:`InstructionCol` ...) so that other commands
-can reuse them with :func:`infscope.data.columns.column_map_from_options`.
+The column-mapping flags come from :func:`infscope.cli.options.column_options`, like every command
+that reads data.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import typer
 from rich.table import Table
 
 from infscope.cli import app, console
+from infscope.cli.options import column_options
 
 data_app = typer.Typer(help="Make built-in datasets and inspect data files.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-
-InstructionCol = Annotated[
-    str | None, typer.Option("--instruction-col", help="Column holding the instruction.")
-]
-InputCol = Annotated[
-    str | None, typer.Option("--input-col", help="Column holding the optional input/context.")
-]
-OutputCol = Annotated[str | None, typer.Option("--output-col", help="Column holding the response.")]
-TextCol = Annotated[str | None, typer.Option("--text-col", help="Column holding the text to classify.")]
-TextBCol = Annotated[
-    str | None, typer.Option("--text-b-col", help="Column holding the second text of a pair.")
-]
-LabelCol = Annotated[str | None, typer.Option("--label-col", help="Column holding the class label.")]
-IdCol = Annotated[str | None, typer.Option("--id-col", help="Column holding unique row ids.")]
 
 _CELL_WIDTH = 60
 
@@ -106,6 +93,7 @@ def _counts(rows: list[dict[str, Any]], key: str, names: list[str] | None) -> st
 
 
 @data_app.command("show")
+@column_options
 def show_command(
     source: str = typer.Argument(..., help="Data file, saved datasets folder, builtin:NAME or Hub name."),
     n: int = typer.Option(5, "--n", help="Rows to print."),
@@ -116,21 +104,11 @@ def show_command(
         "train", "--split", help="Split of a datasets folder, Hub or built-in dataset."
     ),
     limit: int | None = typer.Option(None, "--limit", help="Read only the first rows."),
-    instruction_col: InstructionCol = None,
-    input_col: InputCol = None,
-    output_col: OutputCol = None,
-    text_col: TextCol = None,
-    text_b_col: TextBCol = None,
-    label_col: LabelCol = None,
-    id_col: IdCol = None,
+    columns: Any = None,
 ) -> None:
     """Print the first rows of a dataset with its detected task, columns and counts."""
-    from infscope.data.columns import column_map_from_options
     from infscope.data.loading import load_rows
 
-    columns = column_map_from_options(
-        instruction_col, input_col, output_col, text_col, text_b_col, label_col, id_col
-    )
     loaded = load_rows(source, task=task, columns=columns, split=split, limit=limit)
     summary = Table(title=f"{loaded.source}", show_header=False)
     summary.add_row("format", loaded.format)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from infscope.cli import app, console
+from infscope.cli.options import column_options
 
 LARGE_RUN = 10_000
 DEMO_ROWS = 500
@@ -99,6 +101,7 @@ def _first_noisy(manifest_path: Path):
 
 
 @app.command("noise")
+@column_options
 def noise_command(
     data: str = typer.Argument(
         ..., help="Data file, saved datasets folder, builtin:NAME or Hub name; `demo` runs the demo."
@@ -132,18 +135,9 @@ def noise_command(
         None, "--task", help="instruction or classification (default: detected)."
     ),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before large runs."),
-    instruction_col: str | None = typer.Option(
-        None, "--instruction-col", help="Column holding the instruction."
-    ),
-    input_col: str | None = typer.Option(None, "--input-col", help="Column holding the input/context."),
-    output_col: str | None = typer.Option(None, "--output-col", help="Column holding the response."),
-    text_col: str | None = typer.Option(None, "--text-col", help="Column holding the text (classification)."),
-    text_b_col: str | None = typer.Option(None, "--text-b-col", help="Column holding the second text."),
-    label_col: str | None = typer.Option(None, "--label-col", help="Column holding the label."),
-    id_col: str | None = typer.Option(None, "--id-col", help="Column holding a unique row id."),
+    columns: Any = None,
 ) -> None:
     """Inject known noise into a fraction of rows; write dataset, manifest and metadata per combination."""
-    from infscope.data.columns import column_map_from_options
     from infscope.data.loading import load_rows
     from infscope.errors import InfscopeError
     from infscope.noise.run import parse_ratios
@@ -156,9 +150,6 @@ def noise_command(
         raise InfscopeError("give either --ratio or --ratios, not both")
     ratio_list = parse_ratios(ratios if ratios is not None else (ratio if ratio is not None else 0.2))
     strategy_list = ["custom"] if weights else split_strategies(strategy)
-    columns = column_map_from_options(
-        instruction_col, input_col, output_col, text_col, text_b_col, label_col, id_col
-    )
     loaded = load_rows(data, task=task, columns=columns)
     combos = len(ratio_list) * len(strategy_list)
     if len(loaded.rows) * combos > LARGE_RUN and not yes and sys.stdin.isatty():
