@@ -313,3 +313,35 @@ def test_pairing_measurement_query_is_the_gradient_of_own_minus_shuffled_prompt_
         expected -= train.load_block(block, torch.float64).numpy() @ v[block + ".weight"].numpy()
     got = pd.Series(scored["hessian_free+pairing"].values, index=scored["hessian_free+pairing"].train_ids)
     np.testing.assert_allclose(got.loc[train.ids].to_numpy(), expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+
+
+def test_shapley_methods_value_the_tuned_models_embeddings(run_copy):
+    """knn_shapley = -KNN-Shapley of per-row mean hidden states (computed here row by row) with the rows' classes."""
+    from infscope.estimators.shapley import knn_shapley
+    from infscope.models.lora import load_adapter
+    from infscope.models.registry import load_model
+    from infscope.scoring import open_run
+    from infscope.scoring.gradients import encode_for
+
+    opened = open_run(run_copy)
+    scored = score_run(run_copy, ["knn_shapley", "data_oob", "tmc_shapley"], options={"tmc_shapley": {"max_permutations": 40}})
+    loaded = load_model("tiny-llama", seed=0)
+    model = load_adapter(loaded, opened.best.path).eval()
+
+    def embed(row):
+        enc = encode_for(opened.spec, [row], loaded.tokenizer)
+        with torch.no_grad():
+            hidden = model(input_ids=torch.tensor([enc.input_ids[0]]), output_hidden_states=True).hidden_states[-1]
+        return hidden[0].double().mean(dim=0).numpy()
+
+    train_x = np.stack([embed(r) for r in opened.train])
+    query_x = np.stack([embed(r) for r in opened.val])
+    train_y = np.array([r["class"] for r in opened.train])
+    query_y = np.array([r["class"] for r in opened.val])
+    expected = -knn_shapley(train_x, train_y, query_x, query_y, k=10)
+    got = pd.Series(scored["knn_shapley"].values, index=scored["knn_shapley"].train_ids)
+    ids = [str(r["id"]) for r in opened.train]
+    np.testing.assert_allclose(got.loc[ids].to_numpy(), expected, rtol=1e-6, atol=1e-9)
+    tmc = scored["tmc_shapley"]
+    assert 0.0 <= tmc.meta["n_utility_calls"] and "mtm_r2" in tmc.meta
+    assert np.isfinite(scored["data_oob"].values).all()

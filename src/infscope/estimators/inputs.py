@@ -32,8 +32,30 @@ MODEL = "model"
 DYNAMICS = "dynamics"
 #: Canary rows (known-bad copies added before fine-tuning) and other methods' scores on every row.
 CANARIES = "canaries"
+#: Row embeddings of the tuned model for train and query rows, with their labels (classes).
+EMBEDDINGS = "embeddings"
 
-NEEDS = (TRAIN_GRADS, QUERY_GRADS, LOSSES, ALL_CHECKPOINTS, OPTIMIZER_STATE, MODEL, DYNAMICS, CANARIES)
+NEEDS = (
+    TRAIN_GRADS,
+    QUERY_GRADS,
+    LOSSES,
+    ALL_CHECKPOINTS,
+    OPTIMIZER_STATE,
+    MODEL,
+    DYNAMICS,
+    CANARIES,
+    EMBEDDINGS,
+)
+
+
+@dataclass
+class Embeddings:
+    """Train and query row embeddings with integer class labels (``-1`` never occurs)."""
+
+    train_x: Any
+    train_y: Any
+    query_x: Any
+    query_y: Any
 
 
 @dataclass
@@ -86,6 +108,10 @@ class MethodInputs(Protocol):
 
     @property
     def canary_ids(self) -> list[str]: ...
+
+    def embeddings(self) -> Embeddings:
+        """Mean hidden states of the tuned model for train and query rows, with their classes."""
+        ...
 
     def scores_of(self, names: Sequence[str]) -> dict[str, Any]:
         """Other methods' :class:`Scores` on every training row (canaries included), computed once."""

@@ -20,10 +20,17 @@ Shapley and the default ``(16, 1)`` puts most weight on small subsets, where one
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import torch
 
 from infscope.errors import InfscopeError
+from infscope.estimators.inputs import EMBEDDINGS, MethodInputs
+from infscope.estimators.method import Method
+from infscope.estimators.scores import Scores
 from infscope.estimators.shapley_knn import knn_shapley
 from infscope.estimators.shapley_mtm import MTMCheck, mtm_check
 from infscope.estimators.shapley_oob import data_oob
@@ -173,3 +180,66 @@ def banzhaf(
     rule = StopRule(stop, rhat_threshold, rtol, min_samples, max_samples, check_every)
     spec = SamplerSpec("msr", check_utility(utility), record=record)
     return run_chains(utility, spec, rule, n_chains=n_chains, seed=seed, n_jobs=n_jobs, mp_context=mp_context)
+
+
+# ---------------------------------------------------------------- registry rows
+
+
+def reduce_dims(train_x: np.ndarray, query_x: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray]:
+    """Both sets projected on the top ``dims`` principal directions of the training embeddings."""
+    mean = train_x.mean(axis=0, keepdims=True)
+    _, _, vt = np.linalg.svd(train_x - mean, full_matrices=False)
+    basis = vt[: max(1, min(dims, vt.shape[0]))].T
+    return (train_x - mean) @ basis, (query_x - mean) @ basis
+
+
+def _valued(name: str, value: Callable[..., Any], *, sampled: bool, defaults: dict[str, Any]) -> Method:
+    """A registry row: ``value(embeddings, options)`` -> values, returned as harm (``-value``)."""
+
+    def compute(inputs: MethodInputs, options: dict[str, Any]) -> Scores:
+        merged = {**defaults, **options}
+        emb = inputs.embeddings()
+        dims = int(merged.pop("dims", 32))
+        meta: dict[str, Any] = {"family": "value", "dims": dims}
+        if sampled:
+            train_x, query_x = reduce_dims(emb.train_x, emb.query_x, dims)
+            utility = LogisticUtility(train_x, emb.train_y, query_x, emb.query_y, metric=merged.pop("metric", "accuracy"))
+            result = value(utility, seed=inputs.seed, **merged)
+            check = mtm_check(result.values, result.subsets, result.utilities, seed=inputs.seed)
+            meta.update(
+                converged=bool(result.converged),
+                n_utility_calls=int(result.n_utility_calls),
+                mtm_r2=float(check.r2_heldout if check.r2_heldout is not None else check.r2),
+                mtm_trustworthy=bool(check.trustworthy),
+            )
+            if not check.trustworthy:
+                warnings.warn(
+                    f"{name}: the utility is far from a monotone transform of a sum of values "
+                    f"(MTM held-out R^2 {meta['mtm_r2']:.2f}), so keeping the top-k rows by value may not "
+                    "keep the best subset; check the ranking with a retrain (infscope clean)",
+                    stacklevel=2,
+                )
+            values = result.values
+        elif name == "knn_shapley":
+            values = value(emb.train_x, emb.train_y, emb.query_x, emb.query_y, **merged)
+        else:
+            values = value(emb.train_x, emb.train_y, seed=inputs.seed, **merged)
+        return Scores(as_harm(values), list(inputs.train_ids), None, name, meta)
+
+    summaries = {
+        "knn_shapley": "exact KNN-Shapley value on the tuned model's embeddings (minus: low value = harmful)",
+        "data_oob": "Data-OOB: out-of-bag correctness of bagged logistic regressions on embeddings",
+        "tmc_shapley": "truncated Monte Carlo Shapley of a logistic proxy on embeddings, with the MTM check",
+        "beta_shapley": "Beta(16,1) Shapley of a logistic proxy on embeddings, with the MTM check",
+        "banzhaf": "Banzhaf value (maximum sample reuse) of a logistic proxy on embeddings, with the MTM check",
+    }
+    return Method(name, (EMBEDDINGS,), compute, summaries[name], family="value")
+
+
+REGISTER = [
+    _valued("knn_shapley", knn_shapley, sampled=False, defaults={"k": 10}),
+    _valued("data_oob", data_oob, sampled=False, defaults={}),
+    _valued("tmc_shapley", tmc_shapley, sampled=True, defaults={"max_permutations": 200}),
+    _valued("beta_shapley", beta_shapley, sampled=True, defaults={"max_permutations": 200}),
+    _valued("banzhaf", banzhaf, sampled=True, defaults={"max_samples": 1000}),
+]

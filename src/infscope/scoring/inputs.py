@@ -10,6 +10,7 @@ import functools
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from infscope.errors import InfscopeError
@@ -17,12 +18,14 @@ from infscope.estimators.inputs import (
     ALL_CHECKPOINTS,
     CANARIES,
     DYNAMICS,
+    EMBEDDINGS,
     LOSSES,
     MODEL,
     OPTIMIZER_STATE,
     QUERY_GRADS,
     TRAIN_GRADS,
     CheckpointGradients,
+    Embeddings,
 )
 from infscope.grads.base import GradientSet, InMemoryGradients, to_memory
 from infscope.scoring.gradients import checkpoint_gradients, query_gradients, shuffled_prompts
@@ -40,6 +43,19 @@ def in_memory_if_small(grads: GradientSet, limit_bytes: int = IN_MEMORY_LIMIT) -
         return grads
     size = 4 * len(grads.ids) * sum(grads.block_dim(b) for b in grads.block_names)
     return to_memory(grads) if size <= limit_bytes else grads
+
+
+def row_classes(rows: Sequence[dict]) -> np.ndarray | None:
+    """Each row's class: its ``label`` (classification) or ``class`` field; ``None`` if some row has neither."""
+    for key in ("label", "class"):
+        if rows and all(r.get(key) is not None for r in rows):
+            values = [r[key] for r in rows]
+            try:
+                return np.asarray([int(v) for v in values], dtype=np.int64)
+            except (TypeError, ValueError):
+                names = sorted({str(v) for v in values})
+                return np.asarray([names.index(str(v)) for v in values], dtype=np.int64)
+    return None
 
 
 class RunInputs:
@@ -93,6 +109,8 @@ class RunInputs:
             return self.run.layout.dynamics.is_file()
         if need == CANARIES:
             return bool(self.run.canary_ids)
+        if need == EMBEDDINGS:
+            return row_classes(self.run.train) is not None and row_classes(self._query) is not None
         return False
 
     @functools.cache  # noqa: B019 - one instance per scoring call; the cache is the point
@@ -194,6 +212,22 @@ class RunInputs:
                 f"{self.run.path} has no training dynamics ({path}); fine-tune it again with this version"
             )
         return pd.read_parquet(path)
+
+    @functools.cache  # noqa: B019
+    def embeddings(self) -> Embeddings:
+        from infscope.models.embed import mean_hidden_states
+        from infscope.scoring.gradients import encode_for
+
+        train_y, query_y = row_classes(self.run.train), row_classes(self._query)
+        if train_y is None or query_y is None:
+            raise InfscopeError("embedding methods need classes: a label (classification) or a 'class' field per row")
+        loaded = self.model("checkpoint")
+        spec = self.run.spec
+
+        def embed(rows):
+            return mean_hidden_states(loaded.model, encode_for(spec, rows, loaded.tokenizer), batch_size=spec.batch_size)
+
+        return Embeddings(embed(self.run.train), train_y, embed(self._query), query_y)
 
     @property
     def canary_ids(self) -> list[str]:
