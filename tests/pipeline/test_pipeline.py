@@ -343,5 +343,5 @@ def test_shapley_methods_value_the_tuned_models_embeddings(run_copy):
     ids = [str(r["id"]) for r in opened.train]
     np.testing.assert_allclose(got.loc[ids].to_numpy(), expected, rtol=1e-6, atol=1e-9)
     tmc = scored["tmc_shapley"]
-    assert 0.0 <= tmc.meta["n_utility_calls"] and "mtm_r2" in tmc.meta
+    assert tmc.meta["n_utility_calls"] > 0 and "mtm_r2" in tmc.meta
     assert np.isfinite(scored["data_oob"].values).all()
