@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from infscope.errors import InfscopeError
+from infscope.estimators.class_restricted import row_classes
 from infscope.estimators.inputs import (
     ALL_CHECKPOINTS,
     CANARIES,
@@ -43,19 +44,6 @@ def in_memory_if_small(grads: GradientSet, limit_bytes: int = IN_MEMORY_LIMIT) -
         return grads
     size = 4 * len(grads.ids) * sum(grads.block_dim(b) for b in grads.block_names)
     return to_memory(grads) if size <= limit_bytes else grads
-
-
-def row_classes(rows: Sequence[dict]) -> np.ndarray | None:
-    """Each row's class: its ``label`` (classification) or ``class`` field; ``None`` if some row has neither."""
-    for key in ("label", "class"):
-        if rows and all(r.get(key) is not None for r in rows):
-            values = [r[key] for r in rows]
-            try:
-                return np.asarray([int(v) for v in values], dtype=np.int64)
-            except (TypeError, ValueError):
-                names = sorted({str(v) for v in values})
-                return np.asarray([names.index(str(v)) for v in values], dtype=np.int64)
-    return None
 
 
 class RunInputs:
@@ -218,15 +206,22 @@ class RunInputs:
         from infscope.models.embed import mean_hidden_states
         from infscope.scoring.gradients import encode_for
 
-        train_y, query_y = row_classes(self.run.train), row_classes(self._query)
-        if train_y is None or query_y is None:
-            raise InfscopeError("embedding methods need classes: a label (classification) or a 'class' field per row")
+        train_c, query_c = row_classes(self.run.train), row_classes(self._query)
+        if train_c is None or query_c is None:
+            raise InfscopeError(
+                "embedding methods need classes: a label (classification) or a 'class' field per row"
+            )
         loaded = self.model("checkpoint")
         spec = self.run.spec
 
         def embed(rows):
-            return mean_hidden_states(loaded.model, encode_for(spec, rows, loaded.tokenizer), batch_size=spec.batch_size)
+            return mean_hidden_states(
+                loaded.model, encode_for(spec, rows, loaded.tokenizer), batch_size=spec.batch_size
+            )
 
+        names = {name: i for i, name in enumerate(sorted(set(train_c) | set(query_c)))}
+        train_y = np.asarray([names[c] for c in train_c], dtype=np.int64)
+        query_y = np.asarray([names[c] for c in query_c], dtype=np.int64)
         return Embeddings(embed(self.run.train), train_y, embed(self._query), query_y)
 
     @property
