@@ -127,8 +127,14 @@ def test_score_every_checkpoint_side_by_side(run_copy, capsys):
     assert len(run.checkpoints) == 2
     scored = score_run(run_copy, ["hessian_free", "loss"], checkpoint="all")
     tags = [f"@{Path(c.path).name}" for c in run.checkpoints]
-    expected = ["hessian_free", "loss"] + [f"{m}{t}" for t in tags for m in ("hessian_free", "loss")]
+    expected = ["hessian_free", "loss"] + [f"{m}{t}" for t in tags + ["@ensemble"] for m in ("hessian_free", "loss")]
     assert sorted(scored) == sorted(expected)
+    from scipy.stats import rankdata
+
+    per_epoch = [pd.Series(scored[f"loss{t}"].values, index=scored[f"loss{t}"].train_ids) for t in tags]
+    ids = scored["loss@ensemble"].train_ids
+    mean_rank = np.mean([rankdata(s.loc[ids].to_numpy()) / len(ids) for s in per_epoch], axis=0)
+    np.testing.assert_allclose(scored["loss@ensemble"].values, mean_rank, rtol=1e-12)
     assert list(scored)[0] == "hessian_free" and scored["loss"].meta["checkpoint"] == str(run.best.path)
     best_tag = f"@{Path(run.best.path).name}"
     np.testing.assert_array_equal(scored[f"loss{best_tag}"].values, scored["loss"].values)

@@ -445,3 +445,22 @@ def drop_canaries(scores: Scores, canary_ids: Sequence[str]) -> Scores:
         method=scores.method,
         meta=copy.deepcopy(scores.meta),
     )
+
+
+def rank_ensemble(members: Sequence[Scores], name: str) -> Scores:
+    """The mean percentile rank of several score vectors of the same rows (checkpoints, or fine-tune seeds).
+
+    Rows are aligned by id (every member must score the same rows); ranks, not raw values, are averaged,
+    so members on different scales weigh the same. Higher = more harmful, as every member.
+    """
+    if not members:
+        raise InfscopeError("an ensemble needs at least one member")
+    ids = list(members[0].train_ids)
+    ranks = []
+    for member in members:
+        if sorted(member.train_ids) != sorted(ids):
+            raise InfscopeError(f"ensemble members score other rows ({member.method}); ensemble runs of the same data")
+        position = {i: k for k, i in enumerate(member.train_ids)}
+        ranks.append(percentile_ranks(member.vector()[[position[i] for i in ids]]))
+    meta = {"ensemble": [m.method for m in members], "family": "ensemble"}
+    return Scores(np.mean(ranks, axis=0), ids, None, name, meta)

@@ -14,7 +14,7 @@ import numpy as np
 
 from infscope.data.loading import load_rows
 from infscope.errors import InfscopeError
-from infscope.estimators.fusion import drop_canaries
+from infscope.estimators.fusion import drop_canaries, rank_ensemble
 from infscope.estimators.inputs import ALL_CHECKPOINTS, CANARIES, LOSSES, QUERY_GRADS, TRAIN_GRADS
 from infscope.estimators.registry import get_method
 from infscope.estimators.scores import Scores
@@ -133,6 +133,12 @@ def score_run(
             for tag, at in per_checkpoint.items():
                 for name, s in at.items():
                     scored[f"{name}@{tag}"] = replace(s, method=f"{name}@{tag}", meta=dict(s.meta))
+            for name in single:  # the checkpoint ensemble: mean percentile rank over every epoch
+                members = [at[name] for at in per_checkpoint.values() if np.ndim(at[name].values) == 1]
+                if len(members) == len(per_checkpoint):
+                    scored[f"{name}@ensemble"] = rank_ensemble(members, f"{name}@ensemble")
+                    if run.canary_ids:
+                        _canary_aurocs([scored[f"{name}@ensemble"]], run.canary_ids)
         if run.canary_ids:
             scored = {name: drop_canaries(s, run.canary_ids) for name, s in scored.items()}
         if measurement != "loss":
