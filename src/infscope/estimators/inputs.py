@@ -34,6 +34,8 @@ DYNAMICS = "dynamics"
 CANARIES = "canaries"
 #: Row embeddings of the tuned model for train and query rows, with their labels (classes).
 EMBEDDINGS = "embeddings"
+#: K-FAC covariance factors of the LoRA layers over the training rows at the scored checkpoint.
+KFAC_FACTORS = "kfac_factors"
 
 NEEDS = (
     TRAIN_GRADS,
@@ -45,6 +47,7 @@ NEEDS = (
     DYNAMICS,
     CANARIES,
     EMBEDDINGS,
+    KFAC_FACTORS,
 )
 
 
@@ -103,6 +106,10 @@ class MethodInputs(Protocol):
     def query_rows(self) -> list[dict]: ...
 
     def dynamics(self) -> pd.DataFrame: ...
+
+    def kfac_factors(self, fisher: str = "empirical") -> Any:
+        """:class:`~infscope.grads.kfac.KFACFactors` of the training rows (``fisher``: empirical or true)."""
+        ...
 
     def encode_options(self) -> dict[str, Any]: ...
 

@@ -14,6 +14,7 @@
         grads/train, grads/<query>            gradient stores (resumable shards)
         losses.parquet                        id, loss at the checkpoint, base_loss
         gradients.json                        what the gradient pass recorded
+        kfac/<fisher>/                        K-FAC factors of the training rows (ekfac, kfac)
     scores/<method>.npz                       Scores per method (``<method>@epoch-N`` per epoch)
     results/<method>.{parquet,csv}            ranked tables (id, score, rank, is_flagged)
     evaluation.json                           detection metrics per method
@@ -89,6 +90,10 @@ class RunLayout:
     def scoring(self, checkpoint: str | os.PathLike, block_by: str = BLOCK_BY_DEFAULT) -> Path:
         suffix = "" if block_by == BLOCK_BY_DEFAULT else f"-{block_by}"
         return self.root / "scoring" / (checkpoint_tag(checkpoint) + suffix)
+
+    def kfac(self, checkpoint: str | os.PathLike, block_by: str = BLOCK_BY_DEFAULT) -> Path:
+        """K-FAC factors of the training rows at ``checkpoint`` (one subfolder per Fisher)."""
+        return self.scoring(checkpoint, block_by) / "kfac"
 
     def grads(self, checkpoint: str | os.PathLike, split: str, block_by: str = BLOCK_BY_DEFAULT) -> Path:
         return self.scoring(checkpoint, block_by) / "grads" / split

@@ -20,6 +20,7 @@ from infscope.estimators.inputs import (
     CANARIES,
     DYNAMICS,
     EMBEDDINGS,
+    KFAC_FACTORS,
     LOSSES,
     MODEL,
     OPTIMIZER_STATE,
@@ -29,7 +30,8 @@ from infscope.estimators.inputs import (
     Embeddings,
 )
 from infscope.grads.base import GradientSet, InMemoryGradients, to_memory
-from infscope.scoring.gradients import checkpoint_gradients, query_gradients, shuffled_prompts
+from infscope.grads.kfac import cached_kfac_factors, collect_kfac_factors
+from infscope.scoring.gradients import checkpoint_gradients, encode_for, query_gradients, shuffled_prompts
 from infscope.scoring.run import Checkpoint, OpenedRun
 
 IN_MEMORY_LIMIT = 2 << 30
@@ -87,7 +89,7 @@ class RunInputs:
         return [str(r["id"]) for r in self.run.train]
 
     def available(self, need: str) -> bool:
-        if need in (TRAIN_GRADS, QUERY_GRADS, LOSSES, MODEL):
+        if need in (TRAIN_GRADS, QUERY_GRADS, LOSSES, MODEL, KFAC_FACTORS):
             return True
         if need == ALL_CHECKPOINTS:
             return len(self.run.checkpoints) >= 1
@@ -186,6 +188,19 @@ class RunInputs:
         loaded.model = load_adapter(loaded, self.checkpoint.path)
         loaded.model.eval()
         return loaded
+
+    @functools.cache  # noqa: B019
+    def kfac_factors(self, fisher: str = "empirical") -> Any:
+        """K-FAC factors of the training rows at the checkpoint, cached in ``RunLayout.kfac`` (see grads/kfac.py)."""
+
+        def collect():
+            loaded, spec = self.model("checkpoint"), self.run.spec
+            enc = encode_for(spec, self.run.train, loaded.tokenizer)
+            kw = {"fisher": fisher, "seed": self.seed, "eigen_correction": fisher == "true"}
+            return collect_kfac_factors(loaded.model, enc, batch_size=spec.batch_size, **kw)
+
+        path = self.run.layout.kfac(self.checkpoint.path, self.block_by)
+        return cached_kfac_factors(path, collect, ids=self.train_ids, fisher=fisher, seed=self.seed)
 
     def rows(self) -> list[dict]:
         return self.run.train
