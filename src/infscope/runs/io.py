@@ -1,8 +1,10 @@
 """Reading and writing files: atomic writes, JSON and JSONL, fingerprints.
 
-The one place the package turns objects into JSON text and back. Every file is written to a
-temporary sibling and renamed, so an interrupted write never leaves a half-written file behind.
-JSON is written indented with sorted keys, so equal content gives equal bytes.
+The package's JSON and JSONL helpers (record files, manifests, row files and metadata go through
+them; modules still call ``json.dumps`` for strings they embed elsewhere, such as a fingerprint's
+canonical form). Every file is written to a temporary sibling and renamed, so an interrupted write
+never leaves a half-written file behind. JSON is written indented with sorted keys, so equal content
+gives equal bytes.
 """
 
 from __future__ import annotations
