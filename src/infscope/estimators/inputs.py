@@ -34,6 +34,8 @@ DYNAMICS = "dynamics"
 CANARIES = "canaries"
 #: Row embeddings of the tuned model for train and query rows, with their labels (classes).
 EMBEDDINGS = "embeddings"
+#: Fine-tuning again with the run's own settings (K-fold models for out-of-fold scores).
+REFIT = "refit"
 #: K-FAC covariance factors of the LoRA layers over the training rows at the scored checkpoint.
 KFAC_FACTORS = "kfac_factors"
 
@@ -48,6 +50,7 @@ NEEDS = (
     CANARIES,
     EMBEDDINGS,
     KFAC_FACTORS,
+    REFIT,
 )
 
 
@@ -59,6 +62,16 @@ class Embeddings:
     train_y: Any
     query_x: Any
     query_y: Any
+
+
+@dataclass
+class OutOfFold:
+    """Per training row (in ``train_ids`` order): loss, and for classifiers class probabilities and labels."""
+
+    k: int
+    losses: Any
+    probs: Any = None
+    labels: Any = None
 
 
 @dataclass
@@ -115,6 +128,10 @@ class MethodInputs(Protocol):
 
     @property
     def canary_ids(self) -> list[str]: ...
+
+    def out_of_fold(self, k: int) -> OutOfFold:
+        """Each row's loss (and class probabilities) under a K-fold model trained without it."""
+        ...
 
     def embeddings(self) -> Embeddings:
         """Mean hidden states of the tuned model for train and query rows, with their classes."""

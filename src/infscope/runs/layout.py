@@ -15,6 +15,7 @@
         losses.parquet                        id, loss at the checkpoint, base_loss
         gradients.json                        what the gradient pass recorded
         kfac/<fisher>/                        K-FAC factors of the training rows (ekfac, kfac)
+    out_of_fold/k<K>/fold-<i>/                K-fold fine-tunes for out-of-fold scores
     scores/<method>.npz                       Scores per method (``<method>@epoch-N`` per epoch)
     results/<method>.{parquet,csv}            ranked tables (id, score, rank, is_flagged)
     evaluation.json                           detection metrics per method
@@ -103,6 +104,10 @@ class RunLayout:
 
     def gradient_info(self, checkpoint: str | os.PathLike, block_by: str = BLOCK_BY_DEFAULT) -> Path:
         return self.scoring(checkpoint, block_by) / "gradients.json"
+
+    def out_of_fold(self, k: int, fold: int) -> Path:
+        """Fine-tune output of fold ``fold`` of ``k`` (out-of-fold scores: a model that never saw the fold)."""
+        return self.root / "out_of_fold" / f"k{k}" / f"fold-{fold}"
 
     # -- scores and what is made from them
     @property

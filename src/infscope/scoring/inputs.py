@@ -25,9 +25,11 @@ from infscope.estimators.inputs import (
     MODEL,
     OPTIMIZER_STATE,
     QUERY_GRADS,
+    REFIT,
     TRAIN_GRADS,
     CheckpointGradients,
     Embeddings,
+    OutOfFold,
 )
 from infscope.grads.base import GradientSet, InMemoryGradients, to_memory
 from infscope.grads.kfac import cached_kfac_factors, collect_kfac_factors
@@ -99,6 +101,8 @@ class RunInputs:
             return self.run.layout.dynamics.is_file()
         if need == CANARIES:
             return bool(self.run.canary_ids)
+        if need == REFIT:
+            return self.run.record.finetune is not None
         if need == EMBEDDINGS:
             return row_classes(self.run.train) is not None and row_classes(self._query) is not None
         return False
@@ -215,6 +219,60 @@ class RunInputs:
                 f"{self.run.path} has no training dynamics ({path}); fine-tune it again with this version"
             )
         return pd.read_parquet(path)
+
+    @functools.cache  # noqa: B019
+    def out_of_fold(self, k: int) -> OutOfFold:
+        """K fine-tunes with the run's settings, each without one fold; every row scored by its fold's model."""
+        import torch
+
+        from infscope.estimators.out_of_fold import fold_of
+        from infscope.models.config import FinetuneConfig
+        from infscope.models.finetune import finetune
+        from infscope.models.loss import per_example_loss
+        from infscope.models.pair_losses import classifier_logits
+        from infscope.models.registry import load_spec
+        from infscope.scoring.gradients import encode_for
+
+        if self.run.record.finetune is None:
+            raise InfscopeError(
+                "out-of-fold scores refit the model; this run has no infscope fine-tune settings"
+            )
+        config = FinetuneConfig(**self.run.record.finetune)
+        spec = self.run.spec
+        rows = self.run.train
+        folds = fold_of([str(r["id"]) for r in rows], k, self.seed)
+        losses = np.zeros(len(rows))
+        classifier = spec.model_task == "classification"
+        probs = np.zeros((len(rows), len(spec.label_names or []))) if classifier else None
+        labels = np.zeros(len(rows), dtype=np.int64) if classifier else None
+        for fold in range(k):
+            held = np.flatnonzero(folds == fold)
+            kept = [rows[i] for i in np.flatnonzero(folds != fold)]
+            loaded = load_spec(spec)
+            finetune(
+                loaded,
+                kept,
+                self.run.val,
+                config,
+                self.run.layout.out_of_fold(k, fold),
+                label_names=spec.label_names if classifier else None,
+            )
+            held_rows = [rows[i] for i in held]
+            losses[held] = per_example_loss(
+                loaded.model, encode_for(spec, held_rows, loaded.tokenizer), batch_size=spec.batch_size
+            )
+            if classifier:
+                logits, given = classifier_logits(
+                    loaded.model,
+                    loaded.tokenizer,
+                    held_rows,
+                    max_length=spec.max_length,
+                    batch_size=spec.batch_size,
+                    label_names=spec.label_names,
+                )
+                probs[held] = torch.softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1).numpy()
+                labels[held] = given
+        return OutOfFold(k, losses, probs, labels)
 
     @functools.cache  # noqa: B019
     def embeddings(self) -> Embeddings:
