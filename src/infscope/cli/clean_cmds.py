@@ -2,7 +2,8 @@
 
 A thin layer over :func:`infscope.actions.loop.run_clean` (and :func:`infscope.actions.audit.undo`
 for ``--undo LOG``). It prints the round-by-round table with the baselines and where the cleaned
-data, audit log and report section went.
+data, audit log and report went, and writes the HTML page ``OUT/clean_report.html``
+(:func:`infscope.report.clean.write_clean_report`; called here since actions may not import report).
 """
 
 from __future__ import annotations
@@ -156,3 +157,6 @@ def clean_command(
     console.print(
         f"audit log: {result.audit} (undo: infscope clean {result.cleaned} --undo {result.audit} --out FILE)"
     )
+    from infscope.report.clean import write_clean_report
+
+    console.print(f"report: {write_clean_report(out)}", highlight=False, soft_wrap=True)
