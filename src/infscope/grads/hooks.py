@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -298,6 +299,65 @@ def row_progress(label: str | None, total: int | None) -> Iterator[Any]:
         yield bar
 
 
+# Messages of allocation failures: CUDA caching allocator, cuBLAS workspace, CPU allocator.
+OOM_MARKERS = ("out of memory", "cublas_status_alloc_failed", "can't allocate", "defaultcpuallocator")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for a CUDA or CPU allocation failure (which a smaller batch may avoid)."""
+    cuda_oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    if cuda_oom is not None and isinstance(exc, cuda_oom):
+        return True
+    if isinstance(exc, MemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in OOM_MARKERS)
+
+
+class BatchSizer:
+    """The gradient pass's batch size: halved after each out-of-memory failure, down to 1.
+
+    Pass one to :func:`iter_gradients` (``sizer=``) to read the size finally used (``.size``).
+    """
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise InfscopeError(f"batch_size must be >= 1, got {size}")
+        self.requested = int(size)
+        self.size = int(size)
+
+    def shrink(self, exc: BaseException, rows: int | None = None) -> None:
+        """Halve the size (or the ``rows`` of the batch that failed, if fewer) after ``exc``, an
+        allocation failure; a one-line error once it is 1."""
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        if rows is not None:
+            self.size = max(1, min(self.size, int(rows)))
+        if self.size <= 1:
+            raise InfscopeError(
+                f"out of memory in the gradient pass even with batch size 1 ({reason}); "
+                "use a shorter --max-length, fewer --lora-layers, or a device with more memory"
+            ) from None
+        self.size = max(1, self.size // 2)
+        warnings.warn(
+            f"out of memory in the gradient pass; retrying with batch size {self.size}",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _slice_batch(batch: Mapping[str, Any], a: int, b: int, rows: int) -> dict[str, Any]:
+    """Rows ``a:b`` of a padded batch (tensors whose first dimension is the batch's ``rows``)."""
+    return {
+        k: v[a:b] if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == rows else v
+        for k, v in batch.items()
+    }
+
+
+def _free_cached_memory() -> None:
+    """Return cached CUDA blocks after a failed allocation, so the retry starts clean."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def iter_gradients(
     model: nn.Module,
     data: Any,
@@ -311,14 +371,19 @@ def iter_gradients(
     nan_check: bool = True,
     breaks: Iterable[int] = (),
     skip: Any = None,
+    sizer: BatchSizer | None = None,
 ) -> Iterator[tuple[int, int, dict[str, torch.Tensor], torch.Tensor]]:
     """Yield ``(start, stop, {block: (b, d)}, losses (b,))`` batch by batch (blocks in compute dtype).
 
     ``breaks`` are row positions no batch crosses (shard edges); ``skip(start, stop)`` returning
     True skips a batch without running the model (resume). ``projection`` (a
     :class:`~infscope.grads.projection.BlockProjector`) projects each block as it is produced.
+    On an out-of-memory failure the batch size halves and the rows are retried (down to 1, then an
+    :class:`InfscopeError`); the smaller size is kept for the rest of the pass. ``sizer`` (a
+    :class:`BatchSizer`) lets the caller read the size finally used.
     """
     loss_fn = loss_fn or default_loss
+    sizer = sizer if sizer is not None else BatchSizer(batch_size)
     engine = PerExampleGradients(model, layers)
     layout = engine.layout(block_by)
     row_ids, _, batches = _batches(data, batch_size, ids, breaks)
@@ -326,16 +391,33 @@ def iter_gradients(
         for start, stop, batch in batches:
             if skip is not None and skip(start, stop):
                 continue
-            engine.set_mask(batch.get("attention_mask"))
-            losses = loss_fn(model, batch)
-            blocks = layout.assemble(engine.backward(losses))
-            if projection is not None:
-                blocks = {name: projection(name, t) for name, t in blocks.items()}
-            losses = losses.detach()
-            if nan_check:
-                names = row_ids[start:stop] if row_ids is not None else [str(i) for i in range(start, stop)]
-                check_finite(blocks, losses, names)
-            yield start, stop, blocks, losses
+            pos = start
+            while pos < stop:
+                end = min(stop, pos + sizer.size)
+                part = (
+                    batch
+                    if end - pos == stop - start
+                    else _slice_batch(batch, pos - start, end - start, stop - start)
+                )
+                try:
+                    engine.set_mask(part.get("attention_mask"))
+                    losses = loss_fn(model, part)
+                    blocks = layout.assemble(engine.backward(losses))
+                except (RuntimeError, MemoryError) as exc:
+                    if not is_out_of_memory(exc):
+                        raise
+                    engine._reset()
+                    sizer.shrink(exc, end - pos)
+                    _free_cached_memory()
+                    continue
+                if projection is not None:
+                    blocks = {name: projection(name, t) for name, t in blocks.items()}
+                losses = losses.detach()
+                if nan_check:
+                    names = row_ids[pos:end] if row_ids is not None else [str(i) for i in range(pos, end)]
+                    check_finite(blocks, losses, names)
+                yield pos, end, blocks, losses
+                pos = end
 
 
 def compute_gradients(

@@ -40,6 +40,8 @@ INDEX_FILE = "index.json"
 SHARD_DIR = "shards"
 FORMAT = "infscope-gradient-store"
 VERSION = 1
+# Meta keys that describe how a collection ran, not what the gradients are: never a mismatch on resume.
+RUNTIME_META = ("batch_size_used",)
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -91,6 +93,13 @@ def _free_bytes(path: Path) -> int:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     return shutil.disk_usage(probe).free
+
+
+def _comparable(key: str, value: Any) -> Any:
+    """An index field as compared on reuse: ``meta`` without its run-time entries."""
+    if key == "meta" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k not in RUNTIME_META}
+    return value
 
 
 def _json_roundtrip(obj: Any) -> Any:
@@ -151,7 +160,7 @@ class GradientStore:
             differ = [
                 key
                 for key in ("ids", "blocks", "dtype", "shard_rows", "meta")
-                if existing._index[key] != index[key]
+                if _comparable(key, existing._index[key]) != _comparable(key, index[key])
             ]
             if not differ:
                 return existing
@@ -302,6 +311,16 @@ class GradientStore:
         self._index["complete"][shard] = True
         self._save_index()
 
+    def set_runtime_meta(self, **values: Any) -> None:
+        """Record how the collection ran (e.g. ``batch_size_used``) in ``meta``; ignored on reuse."""
+        unknown = sorted(set(values) - set(RUNTIME_META))
+        if unknown:
+            raise InfscopeError(
+                f"{unknown[0]!r} is not a run-time meta key; use one of {', '.join(RUNTIME_META)}"
+            )
+        self._index["meta"].update(_json_roundtrip(values))
+        self._save_index()
+
     def _require_complete(self) -> None:
         missing = self.missing_shards()
         if missing:
@@ -363,9 +382,19 @@ def collect_to_store(
     ``progress_label`` (e.g. ``"gradients train"``) shows a bar over the rows still to compute, with
     rows/s and time left, on stderr (:func:`infscope.progress.progress`: on a terminal, or wherever
     ``INFSCOPE_PROGRESS=1``); ``None`` keeps it silent, as does ``progress=False``.
+    Before a new store is made, :func:`~infscope.grads.plan.check_plan` warns if the disk cannot hold
+    it or memory cannot hold the scoring stage. On an out-of-memory failure the batch size halves
+    and the batch is retried; the size finally used is kept in ``meta["batch_size_used"]``.
     """
     from infscope.grads.batching import as_row_source
-    from infscope.grads.hooks import PerExampleGradients, iter_gradients, model_fingerprint, row_progress
+    from infscope.grads.hooks import (
+        BatchSizer,
+        PerExampleGradients,
+        iter_gradients,
+        model_fingerprint,
+        row_progress,
+    )
+    from infscope.grads.plan import check_plan, scoring_bytes
 
     source = as_row_source(data, ids)
     if source is not None:
@@ -386,6 +415,13 @@ def collect_to_store(
         "projection": projection.info() if projection is not None else None,
         **dict(meta or {}),
     }
+    if not (Path(store_path) / INDEX_FILE).exists():  # a new store: say now if disk or memory is short
+        itemsize = DTYPES[dtype_name(dtype)].itemsize
+        check_plan(
+            len(row_ids) * sum(dims.values()) * itemsize,
+            store_path,
+            scoring_memory=scoring_bytes(len(row_ids), dims),
+        )
     store = GradientStore.create(
         store_path,
         row_ids,
@@ -408,6 +444,7 @@ def collect_to_store(
 
     pending: dict[int, tuple[dict[str, list[torch.Tensor]], list[torch.Tensor], int]] = {}
     todo = sum(store.shard_range(k)[1] - store.shard_range(k)[0] for k in missing)
+    sizer = BatchSizer(batch_size)
     with row_progress(progress_label if progress else None, todo) as bar:
         for start, stop, blocks, losses in iter_gradients(
             model,
@@ -421,6 +458,7 @@ def collect_to_store(
             nan_check=nan_check,
             breaks=edges,
             skip=lambda s, e: not any(k in missing for k in shards_of(s, e)),
+            sizer=sizer,
         ):
             for shard in shards_of(start, stop):
                 if shard not in missing:
@@ -444,4 +482,5 @@ def collect_to_store(
         raise InfscopeError(
             f"the data gave fewer rows than the {len(row_ids)} ids; pass batches that cover every id"
         )
+    store.set_runtime_meta(batch_size_used=sizer.size)
     return store
