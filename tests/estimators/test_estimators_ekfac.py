@@ -323,3 +323,22 @@ def test_registry_scores_a_pipeline_run_and_caches_the_factors(tmp_path, monkeyp
     monkeypatch.setattr(scoring_inputs, "collect_kfac_factors", lambda *a, **k: pytest.fail("recollected"))
     again = score_run(out, ["ekfac"])
     np.testing.assert_allclose(again["ekfac"].values, scored["ekfac"].values, rtol=1e-12)
+
+
+def test_sampled_loss_draws_targets_at_the_rows_target_positions(setup):
+    """Reference: full logits, one draw per target position in row-major order, mean CE per row."""
+    from infscope.grads.batching import as_row_source
+    from infscope.grads.kfac import sampled_loss
+
+    model, train, *_ = setup
+    batch = as_row_source(train).batch(0, 4)
+    got = sampled_loss(11)(model, batch)
+    gen = torch.Generator().manual_seed(11)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    keep = batch["labels"][:, 1:] != -100
+    pred = logits[:, :-1][keep]
+    drawn = torch.multinomial(torch.softmax(pred.float(), dim=-1), 1, generator=gen).squeeze(1)
+    token = F.cross_entropy(pred, drawn, reduction="none")
+    rows_of = torch.nonzero(keep)[:, 0]
+    expected = torch.zeros(4, dtype=token.dtype).index_add(0, rows_of, token) / keep.sum(dim=1)
+    torch.testing.assert_close(got, expected)

@@ -40,6 +40,7 @@ from infscope.errors import InfscopeError
 from infscope.grads.batching import as_row_source, batch_bounds, iter_ready_batches
 from infscope.grads.hooks import eval_with_grad, iter_gradients, resolve_layers, row_progress
 from infscope.grads.losses import NON_INPUT_KEYS, LossFn, default_loss
+from infscope.models.loss import positions_to_keep
 from infscope.runs import atomic_path
 
 FISHER = ("empirical", "true")
@@ -231,8 +232,15 @@ def sampled_loss(seed: int) -> LossFn:
         if "inputs" in batch:
             out = model(batch["inputs"])
         else:
-            out = model(**{k: v for k, v in batch.items() if k not in NON_INPUT_KEYS})
+            inputs = {k: v for k, v in batch.items() if k not in NON_INPUT_KEYS}
+            keep = positions_to_keep(labels) if labels.ndim == 2 else 0
+            try:  # project only the positions that predict a target onto the vocabulary
+                out = model(**inputs, logits_to_keep=keep) if keep else model(**inputs)
+            except TypeError:  # models without ``logits_to_keep``
+                out = model(**inputs)
         logits = out.logits if hasattr(out, "logits") else out
+        if labels.ndim == 2:
+            labels = labels[:, labels.shape[1] - logits.shape[1] :]
         if labels.is_floating_point():  # one logit per row, binary cross-entropy
             logit = logits.reshape(labels.shape)
             drawn = torch.bernoulli(torch.sigmoid(logit.detach().float()).cpu(), generator=generator)
@@ -245,7 +253,9 @@ def sampled_loss(seed: int) -> LossFn:
             )
         keep = labels[:, 1:] != -100
         pred = logits[:, :-1][keep]
-        token = F.cross_entropy(pred.float(), _sample(pred, generator), reduction="none")
+        if pred.dtype in (torch.float16, torch.bfloat16):  # half-precision softmax loses small losses
+            pred = pred.float()
+        token = F.cross_entropy(pred, _sample(pred, generator), reduction="none")
         per_row = torch.zeros(keep.shape, dtype=token.dtype, device=token.device).masked_scatter(keep, token)
         return per_row.sum(dim=1) / keep.sum(dim=1).clamp(min=1).to(token.dtype)
 
