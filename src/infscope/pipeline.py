@@ -187,18 +187,11 @@ def model_spec(cfg: PipelineConfig, task: str = "instruction", label_names=None)
     )
 
 
-def _lora_spec(cfg: PipelineConfig):
-    from infscope.models.lora import LoraSpec
-
-    targets = [t.strip() for t in cfg.target_modules.split(",")] if cfg.target_modules else None
-    return LoraSpec(r=cfg.rank, alpha=cfg.alpha, dropout=0.0, target_modules=targets, layers=cfg.lora_layers)
-
-
 def finetune_config(cfg: PipelineConfig):
-    """The :class:`~infscope.models.finetune.FinetuneConfig` of a run of ``cfg`` (also used to retrain it)."""
-    from infscope.models.finetune import FinetuneConfig
+    """The :class:`~infscope.models.config.FinetuneConfig` of a run of ``cfg`` (also used to retrain it)."""
+    from infscope.models.config import lora_finetune_config
 
-    return FinetuneConfig(
+    return lora_finetune_config(
         epochs=cfg.epochs,
         lr=cfg.lr,
         batch_size=cfg.batch_size,
@@ -206,7 +199,10 @@ def finetune_config(cfg: PipelineConfig):
         max_length=cfg.max_length,
         device=cfg.device,
         dtype=cfg.dtype,
-        lora=_lora_spec(cfg),
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        target_modules=cfg.target_modules,
+        lora_layers=cfg.lora_layers,
     )
 
 

@@ -283,11 +283,9 @@ def _model_spec(cfg: CleanConfig, task: str, label_names: list | None) -> ModelS
 
 def finetune_config(cfg: CleanConfig) -> Any:
     """The fine-tuning settings every round uses (same base, same seed), as the pipeline builds them."""
-    from infscope.models.finetune import FinetuneConfig
-    from infscope.models.lora import LoraSpec
+    from infscope.models.config import lora_finetune_config
 
-    targets = [t.strip() for t in cfg.target_modules.split(",")] if cfg.target_modules else None
-    return FinetuneConfig(
+    return lora_finetune_config(
         epochs=cfg.epochs,
         lr=cfg.lr,
         batch_size=cfg.batch_size,
@@ -295,7 +293,9 @@ def finetune_config(cfg: CleanConfig) -> Any:
         max_length=cfg.max_length,
         device=cfg.device,
         dtype=cfg.dtype,
-        lora=LoraSpec(r=cfg.rank, alpha=cfg.alpha, dropout=0.0, target_modules=targets),
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        target_modules=cfg.target_modules,
     )
 
 

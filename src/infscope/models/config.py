@@ -162,3 +162,31 @@ class FinetuneConfig:
             if data.get(name) == default:
                 data.pop(name)
         return data
+
+
+def lora_finetune_config(
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    max_length: int,
+    device: str | None,
+    dtype: str | None,
+    rank: int,
+    alpha: float,
+    target_modules: str | None = None,
+    lora_layers: str | None = None,
+) -> FinetuneConfig:
+    """The fine-tuning settings of a command's flat options (``target_modules`` comma-separated, no dropout)."""
+    targets = [t.strip() for t in target_modules.split(",") if t.strip()] if target_modules else None
+    return FinetuneConfig(
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        max_length=max_length,
+        device=device,
+        dtype=dtype,
+        lora=LoraSpec(r=rank, alpha=alpha, dropout=0.0, target_modules=targets, layers=lora_layers),
+    )

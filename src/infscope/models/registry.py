@@ -200,12 +200,8 @@ def load_model(
     except InfscopeError:
         raise
     except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InfscopeError(
-            f"could not load model {name_or_path!r}: {first}; pass a valid checkpoint directory"
-        ) from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+        raise _load_error(f"model {name_or_path!r}", exc) from None
+    _ensure_pad_token(tokenizer)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.to(dev)
@@ -265,10 +261,18 @@ def load_tokenizer(spec: Any) -> Any:
     except InfscopeError:
         raise
     except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InfscopeError(
-            f"could not load the tokenizer of {spec.name!r}: {first}; pass a valid checkpoint directory"
-        ) from None
+        raise _load_error(f"the tokenizer of {spec.name!r}", exc) from None
+    _ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def _load_error(what: str, exc: Exception) -> InfscopeError:
+    """One line for a model or tokenizer that transformers could not load."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return InfscopeError(f"could not load {what}: {first}; pass a valid checkpoint directory")
+
+
+def _ensure_pad_token(tokenizer: Any) -> None:
+    """Batches need padding: fall back to the EOS (or UNK) token when the tokenizer has no pad token."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
-    return tokenizer
