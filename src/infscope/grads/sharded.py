@@ -1,0 +1,318 @@
+"""Gradient stores and streamed scores computed by several processes, each on its own rows.
+
+Under ``torchrun`` every rank runs the gradient hooks on one contiguous range of rows
+(:func:`~infscope.grads.distributed.shard_range`); outside it (a world of one) both functions are
+exactly their single-process counterparts.
+
+- :func:`collect_to_store_sharded`: the ranges are whole store shards. Each rank collects its range
+  into a resumable store of its own beside the target (``<name>.rank-R``, made by
+  :func:`~infscope.grads.store.collect_to_store`); after a barrier rank 0 moves the shard files into
+  the target store under their global shard numbers and writes its index. The target is laid out
+  exactly as a one-process store with the same ``shard_rows``.
+- :func:`stream_scores_sharded`: the passes of :func:`~infscope.grads.streaming.stream_scores` on
+  each rank's rows, with the cross-row sums (each block's squared norms for the damping, DataInf's
+  weighted sum ``s_b``) all-reduced between passes and the per-row numbers gathered at the end. The
+  scores equal the one-process ones up to the order of float64 summation.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from infscope.errors import InfscopeError
+from infscope.grads.batching import RowSource, as_row_source
+from infscope.grads.distributed import (
+    all_reduce_sum,
+    barrier,
+    gather_rows,
+    is_distributed,
+    is_main,
+    rank,
+    shard_range,
+    world_size,
+)
+from infscope.grads.hooks import BatchSizer, PerExampleGradients, iter_gradients, model_fingerprint
+from infscope.grads.store import INDEX_FILE, RUNTIME_META, SHARD_DIR, GradientStore, collect_to_store
+from infscope.grads.streaming import (
+    _DATAINF,
+    METHODS,
+    Damping,
+    StreamedScores,
+    _cosine,
+    _scalars,
+    check_methods,
+    given_damping,
+    query_vectors,
+    rule_damping,
+    stream_scores,
+)
+
+#: Rows per store shard in one-process collections (the default of collect_to_store's callers).
+DEFAULT_SHARD_ROWS = 256
+_SHARD_FILE = re.compile(r"^(?P<stem>.+)-s(?P<shard>\d{5})(?P<suffix>.*)\.npy$")
+
+
+def shard_rows_for(n: int, world: int, default: int = DEFAULT_SHARD_ROWS) -> int:
+    """Shard size that gives every rank work: ``default`` unless ``n`` has fewer than ``world`` such
+    shards, then ``ceil(n / world)`` (the store then differs from a one-process store only in it)."""
+    if n >= default * world:
+        return default
+    return max(1, math.ceil(n / max(1, world)))
+
+
+def row_slice(source: RowSource, start: int, stop: int) -> RowSource:
+    """Rows ``start:stop`` of an addressable row source, as a row source of their own."""
+    columns = {name: column[start:stop] for name, column in source.columns.items()}
+    return RowSource(columns, ids=source.ids[start:stop], pad_id=source.pad_id)
+
+
+def rank_rows(n_rows: int, shard_rows: int, rank_: int, world: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of ``rank_``: a contiguous run of whole shards of ``shard_rows`` rows."""
+    n_shards = max(1, math.ceil(n_rows / shard_rows))
+    first, last = shard_range(n_shards, rank_, world)
+    return min(first * shard_rows, n_rows), min(last * shard_rows, n_rows)
+
+
+def part_path(store_path: Path, rank_: int) -> Path:
+    """Where rank ``rank_`` collects its shards before rank 0 merges them (beside the target)."""
+    return store_path.with_name(f"{store_path.name}.rank-{rank_}")
+
+
+def collect_to_store_sharded(
+    model: nn.Module,
+    data: Any,
+    store_path: str | Path,
+    *,
+    shard_rows: int | None = None,
+    ids: Sequence[str] | None = None,
+    overwrite: bool = False,
+    **kwargs: Any,
+) -> GradientStore | None:
+    """:func:`~infscope.grads.store.collect_to_store` with the rows split over the ranks of a torchrun.
+
+    ``shard_rows`` defaults to :func:`shard_rows_for` (256 once there are enough rows). Other keyword
+    arguments go to ``collect_to_store`` (layers, block_by, batch_size, dtype, projection, meta...).
+    Every rank must call it; rank 0 returns the complete store, the others ``None``. A complete target
+    made from the same adapter is reused without running the model.
+    """
+    path = Path(store_path)
+    source = as_row_source(data, ids)
+    if source is None:
+        raise InfscopeError("sharded collection splits rows by position; pass encoded columns or rows")
+    world, me = world_size(), rank()
+    shard_rows = int(shard_rows or shard_rows_for(source.n, world))
+    if not is_distributed():
+        return collect_to_store(model, source, path, shard_rows=shard_rows, overwrite=overwrite, **kwargs)
+    if _reusable(model, path, kwargs.get("layers"), overwrite):
+        barrier()
+        return GradientStore.open(path) if is_main() else None
+    start, stop = rank_rows(source.n, shard_rows, me, world)
+    if stop > start:
+        collect_to_store(
+            model,
+            row_slice(source, start, stop),
+            part_path(path, me),
+            shard_rows=shard_rows,
+            overwrite=True,  # a part left by an interrupted run of other settings is replaced
+            **kwargs,
+        )
+    barrier()
+    store = None
+    if is_main():
+        store = _merge(path, source.ids, shard_rows, world, overwrite)
+    barrier()
+    return store
+
+
+def _reusable(model: nn.Module, path: Path, layers: Any, overwrite: bool) -> bool:
+    """Whether a complete store of this adapter is already at ``path`` (checked the same on every rank)."""
+    if overwrite or not (path / INDEX_FILE).is_file():
+        return False
+    store = GradientStore.open(path)
+    if not store.is_complete:
+        return False
+    if store.meta.get("fingerprint") != model_fingerprint(model, layers or store.meta.get("layers")):
+        raise InfscopeError(
+            f"gradient store {path} was made from another adapter; pass overwrite=True (--overwrite) "
+            "to replace it or choose another path"
+        )
+    return True
+
+
+def _merge(path: Path, ids: Sequence[str], shard_rows: int, world: int, overwrite: bool) -> GradientStore:
+    """Rank 0: move every rank's shard files into the target store under global shard numbers."""
+    parts = []
+    for r in range(world):
+        start, stop = rank_rows(len(ids), shard_rows, r, world)
+        if stop > start:
+            parts.append((GradientStore.open(part_path(path, r)), start // shard_rows))
+    first = parts[0][0]
+    meta = {k: v for k, v in first.meta.items() if k not in RUNTIME_META}
+    store = GradientStore.create(
+        path,
+        ids,
+        {name: first.block_dim(name) for name in first.block_names},
+        first.dtype,
+        meta,
+        shard_rows=shard_rows,
+        overwrite=overwrite,
+        param_shapes=first.param_shapes,
+    )
+    for part, offset in parts:
+        if not part.is_complete:
+            raise InfscopeError(f"gradient part {part.path} is incomplete; rerun the same torchrun to resume")
+        for file in sorted((part.path / SHARD_DIR).glob("*.npy")):
+            match = _SHARD_FILE.match(file.name)
+            if match is None:
+                continue
+            global_shard = int(match["shard"]) + offset
+            target = path / SHARD_DIR / f"{match['stem']}-s{global_shard:05d}{match['suffix']}.npy"
+            file.replace(target)
+    # Flag every shard written: the files were written (atomically) by the parts' own collections.
+    # GradientStore has no public call for shards written elsewhere, so its index is set here.
+    store._index["complete"] = [True] * store.n_shards
+    store._save_index()
+    store.set_runtime_meta(batch_size_used=min(int(p.meta.get("batch_size_used", 0)) for p, _ in parts))
+    for part, _ in parts:
+        shutil.rmtree(part.path, ignore_errors=True)
+    return GradientStore.open(path)
+
+
+def stream_scores_sharded(
+    model: nn.Module,
+    encoded_train: Any,
+    query_vector_blocks: Mapping[str, Any],
+    *,
+    batch_size: int = 8,
+    block_by: str = "matrix",
+    methods: Sequence[str] = METHODS,
+    damping_scale: float = 0.1,
+    damping: Damping = None,
+    layers: Sequence[str] | None = None,
+    loss_fn: Any = None,
+    ids: Sequence[str] | None = None,
+    projection: Any = None,
+    dtype: torch.dtype = torch.float64,
+) -> StreamedScores:
+    """:func:`~infscope.grads.streaming.stream_scores` with the rows split over the ranks of a torchrun.
+
+    Every rank must call it with the same arguments; every rank returns the scores of all rows. The
+    query vector is the same on every rank (compute it on each, or broadcast it).
+    """
+    options = dict(
+        batch_size=batch_size,
+        block_by=block_by,
+        methods=methods,
+        damping_scale=damping_scale,
+        damping=damping,
+        layers=layers,
+        loss_fn=loss_fn,
+        ids=ids,
+        projection=projection,
+        dtype=dtype,
+    )
+    if not is_distributed():
+        return stream_scores(model, encoded_train, query_vector_blocks, **options)
+    methods = check_methods(methods)
+    if damping_scale <= 0:
+        raise InfscopeError(f"damping_scale {damping_scale} must be positive; the DataInf paper uses 0.1")
+    source = as_row_source(encoded_train, ids)
+    if source is None or source.n == 0:
+        raise InfscopeError("sharded streaming needs encoded rows (columns or row dicts), at least one")
+    engine = PerExampleGradients(model, layers)
+    layout = engine.layout(block_by)
+    dims = layout.dims if projection is None else projection.out_dims(layout.dims)
+    names = list(dims)
+    v = query_vectors(query_vector_blocks, dims, dtype)
+    n = source.n
+    start, stop = shard_range(n, rank(), world_size())
+    m = stop - start
+    sizer = BatchSizer(batch_size)
+    passes = 0
+
+    def local_pass() -> Iterator[dict[str, Any]]:
+        nonlocal passes
+        passes += 1
+        for a, b, blocks, _ in iter_gradients(
+            model,
+            source,
+            layers=engine.layer_names,
+            block_by=block_by,
+            batch_size=sizer.size,
+            loss_fn=loss_fn,
+            projection=projection,
+            breaks=(start, stop),
+            skip=lambda s, e: s >= stop or e <= start,
+            sizer=sizer,
+        ):
+            yield {"rows": slice(a - start, b - start), **{k: t.to("cpu", dtype) for k, t in blocks.items()}}
+
+    want_datainf = any(x in _DATAINF for x in methods)
+    lams = given_damping(damping, names)
+    dot = torch.zeros(m, dtype=torch.float64)
+    sq = torch.zeros(m, dtype=torch.float64)
+    block_sq = torch.zeros(len(names), dtype=torch.float64)
+    weighted = {name: torch.zeros(d, dtype=dtype) for name, d in dims.items()}
+
+    def accumulate(G: torch.Tensor, name: str, a: torch.Tensor, q: torch.Tensor, lam: float) -> None:
+        weighted[name] += (a / (lam + q)) @ G
+
+    for batch in local_pass():  # pass 1: per-row scalars, each block's squared norms
+        rows = batch["rows"]
+        for j, name in enumerate(names):
+            a, q = _scalars(batch[name], v[name])
+            dot[rows] += a.double()
+            sq[rows] += q.double()
+            block_sq[j] += q.double().sum()
+            if want_datainf and lams is not None:
+                accumulate(batch[name], name, a, q, lams[name])
+    if lams is None:
+        totals = all_reduce_sum(block_sq)
+        lams = {
+            name: rule_damping(float(totals[j]), n, dims[name], damping_scale) for j, name in enumerate(names)
+        }
+        if want_datainf:  # pass 2: s_b with every block's damping known
+            for batch in local_pass():
+                for name in names:
+                    if lams[name] > 0:
+                        accumulate(batch[name], name, *_scalars(batch[name], v[name]), lams[name])
+    per_row = [dot, sq]
+    if want_datainf:
+        summed = all_reduce_sum(torch.cat([weighted[name] for name in names])).split(list(dims.values()))
+        active = [name for name in names if lams[name] > 0]
+        u = {
+            name: (v[name] - s / n) / lams[name]
+            for name, s in zip(names, summed, strict=True)
+            if name in active
+        }
+        influence = torch.zeros(m, dtype=torch.float64)
+        active_sq = torch.zeros(m, dtype=torch.float64)
+        for batch in local_pass():  # last pass: every row against the preconditioned query u
+            rows = batch["rows"]
+            for name in active:
+                G = batch[name]
+                influence[rows] += (G @ u[name]).double()
+                active_sq[rows] += torch.linalg.vector_norm(G, dim=1).square().double()
+        per_row += [influence, active_sq]
+    full = gather_rows(torch.stack(per_row, dim=1)).unbind(dim=1)
+    scores: dict[str, np.ndarray] = {}
+    if "hessian_free" in methods:
+        scores["hessian_free"] = (-full[0]).numpy()
+    if "grad_cos" in methods:
+        v_sq = sum(float(t.double().square().sum()) for t in v.values())
+        scores["grad_cos"] = (-_cosine(full[0], full[1], v_sq)).numpy()
+    if "datainf" in methods:
+        scores["datainf"] = (-full[2]).numpy()
+    if "datainf_cos" in methods:
+        u_sq = sum(float(t.double().square().sum()) for t in u.values())
+        scores["datainf_cos"] = (-_cosine(full[2], full[3], u_sq)).numpy()
+    return StreamedScores(source.ids, {x: scores[x] for x in methods}, dict(lams), passes, sizer.size)
