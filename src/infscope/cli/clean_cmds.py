@@ -15,7 +15,7 @@ import typer
 from rich.table import Table
 
 from infscope.cli import app, console
-from infscope.cli.options import Threads, column_options
+from infscope.cli.options import Device, Dtype, Threads, column_options
 from infscope.errors import InfscopeError
 
 
@@ -97,8 +97,8 @@ def clean_command(
     baselines: bool = typer.Option(
         True, "--baselines/--no-baselines", help="Train the random and oracle baselines."
     ),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
     undo: Path | None = typer.Option(
         None, "--undo", help="Restore the input of a clean run from its audit log."
     ),

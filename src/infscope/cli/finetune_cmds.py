@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from infscope.cli import app, console
-from infscope.cli.options import Threads, column_options
+from infscope.cli.options import Device, Dtype, Threads, column_options
 from infscope.data.training import find_manifest, load_training_data
 from infscope.models.config import FinetuneConfig, LoraSpec
 from infscope.runs import ModelSpec, RunDir, RunRecord
@@ -89,8 +89,8 @@ def finetune_command(
     seed: int = typer.Option(
         FT.seed, "--seed", help="Seed for the split, LoRA init, batch order and dropout."
     ),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
     full_text: bool = typer.Option(
         False, "--full-text", help="Train on prompt and response, not the response only."
     ),

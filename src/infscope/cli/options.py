@@ -29,6 +29,8 @@ COLUMN_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("messages_col", "--messages-col", "Column holding chat messages (a list of role/content turns)."),
 )
 
+Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or mps.")]
+Dtype = Annotated[str, typer.Option("--dtype", help="Model dtype: float32, bfloat16 or float16.")]
 Threads = Annotated[
     int | None,
     typer.Option("--threads", help="CPU threads for torch (default: the cores other jobs leave idle)."),

@@ -16,7 +16,7 @@ import typer
 from rich.table import Table
 
 from infscope.cli import app, console
-from infscope.cli.options import Threads, column_options
+from infscope.cli.options import Device, Dtype, Threads, column_options
 from infscope.data.manifest import read_manifest
 from infscope.errors import InfscopeError
 from infscope.runs import RunLayout
@@ -102,8 +102,8 @@ def demo_command(
         help="best (lowest validation loss), last, all, or canary (each method's best on canaries).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed for data, noise, LoRA init and batch order."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
     canaries: float | None = typer.Option(
         None,
         "--canaries",
@@ -229,8 +229,8 @@ def score_command(
         False, "--blocks", help="Print the block inventory (name, rows, dim, shapes)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the validation split of external adapters."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N (external adapters)."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16 (external adapters)."),
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
     threads: Threads = None,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run made with other arguments."),
     columns: Any = None,
