@@ -14,6 +14,8 @@ from typing import Any, ClassVar
 from infscope.errors import InfscopeError
 
 SCHEDULES = ("linear", "cosine", "constant")
+#: When in-run gradient capture happens (``FinetuneConfig.capture``).
+CAPTURES = (None, "last", "every")
 #: Dtype names the model loader accepts (:func:`infscope.models.registry.resolve_dtype`).
 DTYPE_NAMES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
 
@@ -118,10 +120,14 @@ class FinetuneConfig:
     dtype: str | None = None
     lora: LoraSpec = field(default_factory=LoraSpec)
     record_dynamics: bool = True
+    #: In-run gradient capture (:mod:`infscope.grads.inrun`): per-example gradients and losses of the
+    #: training rows taken inside the training step of the ``"last"`` epoch or of ``"every"`` epoch,
+    #: so influence needs no extra pass over the training set. ``None``: no capture.
+    capture: str | None = None
 
     #: Options added after runs were first recorded, with their defaults. :meth:`to_dict` leaves
     #: them out while at the default, so a run recorded before an option existed still matches.
-    LATER_OPTIONS: ClassVar[dict[str, Any]] = {"record_dynamics": True}
+    LATER_OPTIONS: ClassVar[dict[str, Any]] = {"record_dynamics": True, "capture": None}
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -152,6 +158,8 @@ class FinetuneConfig:
         for ok, message in checks:
             if not ok:
                 raise InfscopeError(f"{message}; fix the fine-tuning settings")
+        if self.capture not in CAPTURES:
+            raise InfscopeError(f"capture must be last, every or None, got {self.capture!r}; fix --capture")
         if self.dtype is not None and str(self.dtype).lower() not in DTYPE_NAMES:
             raise InfscopeError(f"unknown dtype {self.dtype!r}; use one of float32, bfloat16, float16")
 

@@ -16,6 +16,13 @@ Row weights (``finetune(..., weights={id: w})``) make each batch's loss the weig
 rows' losses, ``sum w_i l_i / sum w_i`` (:func:`batch_loss`); the cleaning loop's ``reweight``
 action uses them. ``None`` (or every weight 1) trains exactly as without weights; any other
 weights enter the checkpoint fingerprint, so a resumed run never mixes two weightings.
+
+A :class:`StepObserver` (``finetune(..., observer=...)``) sees each captured epoch's training steps
+from inside: it may wrap the forward and backward of a batch (e.g. in gradient hooks) and then gets
+the rows, their losses and ``dLoss/dl_i``, the factor each row's loss enters the batch loss with.
+It only reads, so the trained weights are the same with or without it. In-run gradient capture
+(``config.capture``, :mod:`infscope.grads.inrun`) is such an observer; this layer cannot import it,
+so callers pass it in.
 """
 
 from __future__ import annotations
@@ -27,10 +34,10 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -117,12 +124,13 @@ def _fingerprint(
 ) -> str:
     """What a checkpoint must match to be resumed: model, settings, token data and row weights.
 
-    Neither the device nor ``record_dynamics`` changes the trained weights, so neither counts.
+    None of the device, ``record_dynamics`` and ``capture`` changes the trained weights, so none counts.
     Without row weights the record is the one earlier versions wrote, so their runs still resume.
     """
     settings = config.to_dict()
     settings.pop("device", None)
     settings.pop("record_dynamics", None)
+    settings.pop("capture", None)
     record = {
         "model": loaded.name,
         "task": loaded.task,
@@ -342,6 +350,39 @@ def batch_loss(losses: torch.Tensor, weights: torch.Tensor | None = None) -> tor
     return (losses * w).sum() / total
 
 
+class StepObserver(Protocol):
+    """Reads training steps of chosen epochs (see the module docstring); must not change any state."""
+
+    def wants(self, epoch: int) -> bool:
+        """Whether to observe ``epoch`` (1-based)."""
+        ...
+
+    def begin_epoch(self, model: Any, epoch: int) -> None:
+        """Called before the epoch's first step (weights as they enter the epoch)."""
+        ...
+
+    def batch(self, batch: Mapping[str, torch.Tensor]) -> AbstractContextManager[Any]:
+        """A context around one batch's forward and backward."""
+        ...
+
+    def after_backward(self, rows: np.ndarray, losses: torch.Tensor, scale: torch.Tensor) -> None:
+        """Rows of the batch, their losses and ``dLoss/dl_i`` (the batch backward has just run)."""
+        ...
+
+    def end_epoch(self, model: Any, epoch: int, step: int) -> None:
+        """Called after the epoch's last step, before its checkpoint is written."""
+        ...
+
+
+def loss_scale(n_rows: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``dLoss/dl_i`` of :func:`batch_loss`: ``1/b`` per row, or ``w_i / sum w`` (``w_i`` if the sum is 0)."""
+    if weights is None:
+        return torch.full((n_rows,), 1.0 / n_rows, dtype=torch.float64)
+    w = weights.double()
+    total = w.sum()
+    return w / total if total > 0 else w
+
+
 def _mean_loss(model: Any, encoded: Encoded | None, batch_size: int) -> float | None:
     if encoded is None:
         return None
@@ -379,9 +420,11 @@ class _Trainer:
         device: torch.device,
         total: int,
         weights: torch.Tensor | None = None,
+        observer: StepObserver | None = None,
     ) -> None:
         self.model, self.config, self.train, self.val, self.device = model, config, train, val, device
         self.weights = weights
+        self.observer = observer
         self.params = list(trainable_parameters(model).values())
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.total = total
@@ -417,16 +460,21 @@ class _Trainer:
         self.model.train()
         loss_sum, seen = 0.0, 0
         parts: list[tuple[np.ndarray, int, dict[str, Any]]] = []
+        observer = self.observer if self.observer is not None and self.observer.wants(epoch) else None
         for rows in batch_order(len(train), config.batch_size, shuffle=True, seed=epoch_seed):
             batch = collate(train, rows)
-            logits, labels, losses = forward_logits_losses(self.model, batch, self.device)
-            if not torch.isfinite(losses).all():
-                check_finite(losses.detach().double().cpu().numpy(), [train.ids[i] for i in rows])
-            if config.record_dynamics:
-                parts.append((rows, self.step, row_dynamics(logits, labels, losses)))
-            del logits, labels  # free the logits before backward, as without recording
-            loss = batch_loss(losses, None if self.weights is None else self.weights[torch.as_tensor(rows)])
-            loss.backward()
+            row_w = None if self.weights is None else self.weights[torch.as_tensor(rows)]
+            with observer.batch(batch) if observer is not None else nullcontext():
+                logits, labels, losses = forward_logits_losses(self.model, batch, self.device)
+                if not torch.isfinite(losses).all():
+                    check_finite(losses.detach().double().cpu().numpy(), [train.ids[i] for i in rows])
+                if config.record_dynamics:
+                    parts.append((rows, self.step, row_dynamics(logits, labels, losses)))
+                del logits, labels  # free the logits before backward, as without recording
+                loss = batch_loss(losses, row_w)
+                loss.backward()
+            if observer is not None:
+                observer.after_backward(rows, losses.detach(), loss_scale(len(rows), row_w))
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)
             self.optimizer.step()
@@ -464,6 +512,7 @@ def finetune(
     label_names: Sequence[Any] | None = None,
     progress: bool = True,
     weights: Mapping[str, float] | None = None,
+    observer: StepObserver | None = None,
 ) -> FinetuneResult:
     """Fine-tune LoRA adapters on ``train_rows`` and save a checkpoint after each epoch.
 
@@ -475,8 +524,15 @@ def finetune(
     gathered in ``out_dir/dynamics.parquet``. ``progress`` shows a bar per epoch (on a terminal
     only, see :mod:`infscope.progress`). ``weights`` (row id -> weight, absent rows 1) make each
     batch's loss the weighted mean of its rows' losses (:func:`batch_loss`); the reported train
-    loss is then the weighted one too.
+    loss is then the weighted one too. ``observer`` (a :class:`StepObserver`) reads the training
+    steps of the epochs it wants; ``config.capture`` needs one (use
+    :func:`infscope.grads.inrun.finetune_with_capture`).
     """
+    if config.capture is not None and observer is None:
+        raise InfscopeError(
+            f"capture={config.capture!r} needs a gradient observer; call "
+            "infscope.grads.inrun.finetune_with_capture (or `infscope finetune --capture`)"
+        )
     if not train_rows:
         raise InfscopeError("no training rows; check the dataset and the validation split")
     if config.device is not None:
@@ -505,6 +561,7 @@ def finetune(
         device,
         total=config.epochs * math.ceil(len(train) / config.batch_size),
         weights=row_w,
+        observer=observer,
     )
     start_epoch, history = 0, []
     if states:
@@ -525,8 +582,13 @@ def finetune(
         for epoch in range(start_epoch + 1, config.epochs + 1):
             title = f"finetune epoch {epoch}/{config.epochs}"
             bars = progress_bar(title, total=len(train), unit="rows") if progress else nullcontext()
+            watched = observer is not None and observer.wants(epoch)
+            if watched:
+                observer.begin_epoch(model, epoch)
             with bars as bar:
                 train_loss, dynamics = trainer.run_epoch(epoch, history, bar.advance if bar else None)
+            if watched:
+                observer.end_epoch(model, epoch, trainer.step)
             if dynamics is not None:
                 pending.append(dynamics)
             val_loss = _mean_loss(model, val, config.batch_size)

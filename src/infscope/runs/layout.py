@@ -15,6 +15,8 @@
         losses.parquet                        id, loss at the checkpoint, base_loss
         gradients.json                        what the gradient pass recorded
         kfac/<fisher>/                        K-FAC factors of the training rows (ekfac, kfac)
+    scoring/inrun-epoch-N/grads/{train,val}   gradients captured inside fine-tuning epoch N
+                                              (train: in the training step; val: before the epoch)
     out_of_fold/k<K>/fold-<i>/                K-fold fine-tunes for out-of-fold scores
     scores/<method>.npz                       Scores per method (``<method>@epoch-N`` per epoch)
     results/<method>.{parquet,csv}            ranked tables (id, score, rank, is_flagged)
@@ -104,6 +106,10 @@ class RunLayout:
 
     def gradient_info(self, checkpoint: str | os.PathLike, block_by: str = BLOCK_BY_DEFAULT) -> Path:
         return self.scoring(checkpoint, block_by) / "gradients.json"
+
+    def inrun(self, epoch: int) -> Path:
+        """Gradients captured during fine-tuning epoch ``epoch`` (``grads/train``, ``grads/val``)."""
+        return self.root / "scoring" / f"inrun-epoch-{int(epoch)}"
 
     def out_of_fold(self, k: int, fold: int) -> Path:
         """Fine-tune output of fold ``fold`` of ``k`` (out-of-fold scores: a model that never saw the fold)."""
