@@ -106,6 +106,12 @@ def finetune_command(
         help="Noise of the canaries: response_swap, label, wrong_answer, a family or operator "
         "(default: response_swap for instruction data, label for classification).",
     ),
+    capture: str | None = typer.Option(
+        None,
+        "--capture",
+        help="Keep per-example gradients from the training steps of the last (or every) epoch in "
+        "RUN/scoring/inrun-epoch-N, so influence needs no extra gradient pass: last or every.",
+    ),
     threads: Threads = None,
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace a run directory made with other arguments."
@@ -114,7 +120,7 @@ def finetune_command(
 ) -> None:
     """Fine-tune LoRA adapters on DATA and save a checkpoint (adapter + optimizer state) per epoch."""
     from infscope.data.writing import write_rows
-    from infscope.models.finetune import finetune
+    from infscope.grads.inrun import finetune_with_capture
     from infscope.models.registry import load_spec
     from infscope.noise.canaries import add_canaries, canary_count, default_canary_noise, resolve_canary_noise
     from infscope.runtime import set_threads
@@ -132,6 +138,7 @@ def finetune_command(
         device=device,
         dtype=dtype,
         lora=LoraSpec(r=rank, alpha=alpha, target_modules=targets, layers=lora_layers),
+        capture=capture,
     )
     split = load_training_data(data, val, val_fraction, seed, columns)
     spec = ModelSpec(
@@ -195,7 +202,15 @@ def finetune_command(
             f"{epochs} epochs, LoRA r={rank}"
         )
         labels = spec.label_names if spec.task == "classification" else None
-        result = finetune(loaded, train_rows, split.val, config, run.layout.finetune, label_names=labels)
+        result = finetune_with_capture(
+            loaded,
+            train_rows,
+            split.val,
+            config,
+            run.layout.finetune,
+            label_names=labels,
+            store_dir=run.layout.inrun,
+        )
         rec.info.update(
             best=result.best.path, epochs=len(result.checkpoints), resumed_from=result.resumed_from
         )
