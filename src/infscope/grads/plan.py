@@ -502,7 +502,12 @@ def _stages(plan: Plan, shard_rows: int, weight_bytes: int) -> list[Stage]:
             seconds(p and p.grads_s_per_row, n),
             f"+ store shard of {shard_rows} rows ({human(shard_rows * row_bytes)})",
         ),
-        Stage("scoring (store)", scoring_bytes(n, dims), score_cost, "largest block, all rows, float32 x2"),
+        Stage(
+            "scoring (store)",
+            scoring_bytes(n, dims),
+            score_cost,
+            "largest block, all rows, float32 x2; time: arithmetic only (+ reading the store)",
+        ),
         Stage(
             "scoring (streamed)",
             weights + acts + b * sum(dims.values()) * 8 + 4 * sum(dims.values()) * 8 + 6 * n * 8,
