@@ -309,8 +309,8 @@ def _print_score_summary(run: Path, scored: dict, top: int, show_blocks: bool) -
     for name, s in scored.items():
         timing.add_row(
             name,
-            f"{s.meta['seconds']:.2f}",
-            f"{s.meta.get('peak_rss_mb', 0):.0f}",
+            "-" if s.meta.get("seconds") is None else f"{s.meta['seconds']:.2f}",
+            "-" if s.meta.get("peak_rss_mb") is None else f"{s.meta['peak_rss_mb']:.0f}",
             ", ".join(s.harmful(min(top, 3))),
             ", ".join(s.helpful(min(top, 3))),
         )
