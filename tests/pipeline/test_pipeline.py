@@ -351,3 +351,11 @@ def test_shapley_methods_value_the_tuned_models_embeddings(run_copy):
     tmc = scored["tmc_shapley"]
     assert tmc.meta["n_utility_calls"] > 0 and "mtm_r2" in tmc.meta
     assert np.isfinite(scored["data_oob"].values).all()
+
+
+def test_checkpoint_all_on_a_one_epoch_run_lists_each_method_once(tmp_path):
+    out = tmp_path / "one"
+    run_pipeline(PipelineConfig(**{**SMALL, "epochs": 1, "methods": ("loss", "random")}), out)
+    scored = score_run(out, ["loss", "hessian_free"], checkpoint="all")
+    assert sorted(scored) == ["hessian_free", "loss"]
+    assert sorted(p.stem for p in RunLayout(out).scores_dir.glob("*.npz")) == ["hessian_free", "loss", "random"]
