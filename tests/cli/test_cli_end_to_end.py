@@ -29,8 +29,39 @@ def noisy_files(tmp_path_factory):
     """A built-in instruction set with 25 % response swaps and its manifest, written by `infscope noise`."""
     root = tmp_path_factory.mktemp("user")
     clean = root / "st.jsonl"
-    assert main(["data", "make", "sentence_transform", "--classes", "3", "--per-class", "10", "--test-per-class", "2", "--out", str(clean)]) == 0
-    assert main(["noise", str(clean), "--ratio", "0.25", "--weights", "response_swap=1", "--out", str(root / "noisy")]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "make",
+                "sentence_transform",
+                "--classes",
+                "3",
+                "--per-class",
+                "10",
+                "--test-per-class",
+                "2",
+                "--out",
+                str(clean),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "noise",
+                str(clean),
+                "--ratio",
+                "0.25",
+                "--weights",
+                "response_swap=1",
+                "--out",
+                str(root / "noisy"),
+            ]
+        )
+        == 0
+    )
     noisy = next((root / "noisy").glob("*.noisy.*.jsonl"))
     manifest = noisy.with_name(noisy.name[: -len(".jsonl")] + ".manifest.jsonl")
     assert manifest.is_file()
@@ -43,7 +74,10 @@ def scored_run(noisy_files, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "x"
     common = ["--model", "tiny-llama", "--max-length", "64", "--threads", "1"]
     assert main(["finetune", str(noisy), "--out", str(run), "--epochs", "2", "--lr", "0.01", *common]) == 0
-    assert main(["score", str(run), "--method", "datainf,hessian_free,tracin,loss,random", "--threads", "1"]) == 0
+    assert (
+        main(["score", str(run), "--method", "datainf,hessian_free,tracin,loss,random", "--threads", "1"])
+        == 0
+    )
     return run
 
 
@@ -69,7 +103,13 @@ def test_evaluate_matches_sklearn_and_runs_from_another_directory(scored_run, mo
         table = pd.read_parquet(RunLayout(scored_run).results(row["method"])).set_index("id")
         truth = manifest.loc[table.index, "is_noisy"].astype(bool)
         assert row["auroc"] == pytest.approx(roc_auc_score(truth, table["score"]), abs=1e-12)
-    assert {r["method"] for r in evaluation["leaderboard"]} == {"datainf", "hessian_free", "tracin", "loss", "random"}
+    assert {r["method"] for r in evaluation["leaderboard"]} == {
+        "datainf",
+        "hessian_free",
+        "tracin",
+        "loss",
+        "random",
+    }
 
 
 def test_users_own_list_of_bad_ids_is_a_manifest(scored_run, noisy_files, tmp_path, capsys):
@@ -77,7 +117,9 @@ def test_users_own_list_of_bad_ids_is_a_manifest(scored_run, noisy_files, tmp_pa
     frame = pd.read_json(manifest, lines=True)
     ids_file = tmp_path / "bad.txt"
     ids_file.write_text("".join(f"{i}\n" for i in frame.loc[frame["is_noisy"], "id"]))
-    minimal = _write_jsonl(tmp_path / "bad.jsonl", [{"id": r.id, "is_noisy": bool(r.is_noisy)} for r in frame.itertuples()])
+    minimal = _write_jsonl(
+        tmp_path / "bad.jsonl", [{"id": r.id, "is_noisy": bool(r.is_noisy)} for r in frame.itertuples()]
+    )
     results = []
     for path in (manifest, ids_file, minimal):
         assert main(["evaluate", str(scored_run), "--manifest", str(path), "--json"]) == 0
@@ -97,7 +139,10 @@ def test_report_and_peers_read_the_same_run(scored_run, capsys):
 
 
 def test_integer_labels_fine_tune_and_score(tmp_path, capsys):
-    rows = [{"id": f"r{i}", "text": ("good day " if i % 3 else "bad night ") + str(i), "label": i % 3} for i in range(24)]
+    rows = [
+        {"id": f"r{i}", "text": ("good day " if i % 3 else "bad night ") + str(i), "label": i % 3}
+        for i in range(24)
+    ]
     data = _write_jsonl(tmp_path / "cls.jsonl", rows)
     run = tmp_path / "run"
     common = ["--model", "tiny-bert", "--threads", "1"]
@@ -153,8 +198,24 @@ def test_wrong_column_names_can_be_mapped_on_finetune(tmp_path):
     rows = [{"id": str(i), "prompt": f"Say {i}.", "completion": str(i)} for i in range(12)]
     data = _write_jsonl(tmp_path / "other.jsonl", rows)
     run = tmp_path / "run"
-    argv = ["finetune", str(data), "--out", str(run), "--model", "tiny-llama", "--epochs", "1", "--threads", "1",
-            "--instruction-col", "prompt", "--output-col", "completion", "--max-length", "32"]
+    argv = [
+        "finetune",
+        str(data),
+        "--out",
+        str(run),
+        "--model",
+        "tiny-llama",
+        "--epochs",
+        "1",
+        "--threads",
+        "1",
+        "--instruction-col",
+        "prompt",
+        "--output-col",
+        "completion",
+        "--max-length",
+        "32",
+    ]
     assert main(argv) == 0
     assert RunDir.open(run).record.data.columns == {"instruction": "prompt", "output": "completion"}
 
@@ -166,7 +227,19 @@ def test_canaries_calibrate_fusion_and_never_reach_outputs(noisy_files, tmp_path
     noisy, _ = noisy_files
     run = tmp_path / "run"
     common = ["--model", "tiny-llama", "--max-length", "64", "--threads", "1"]
-    argv = ["finetune", str(noisy), "--out", str(run), "--epochs", "2", "--lr", "0.01", "--canaries", "0.25", *common]
+    argv = [
+        "finetune",
+        str(noisy),
+        "--out",
+        str(run),
+        "--epochs",
+        "2",
+        "--lr",
+        "0.01",
+        "--canaries",
+        "0.25",
+        *common,
+    ]
     assert main(argv) == 0
     opened = open_run(run)
     from infscope.noise.canaries import canary_count
@@ -175,15 +248,31 @@ def test_canaries_calibrate_fusion_and_never_reach_outputs(noisy_files, tmp_path
     assert len(opened.canary_ids) == canary_count(0.25, n_user)
     assert all(i.startswith("canary-") for i in opened.canary_ids)
     assert set(opened.canary_ids) <= {str(r["id"]) for r in opened.train}
-    assert main(["score", str(run), "--method", "loss,xprompt,fusion", "--checkpoint", "canary", "--threads", "1"]) == 0
+    assert (
+        main(
+            ["score", str(run), "--method", "loss,xprompt,fusion", "--checkpoint", "canary", "--threads", "1"]
+        )
+        == 0
+    )
     layout = RunLayout(run)
     user_ids = {json.loads(line)["id"] for line in layout.train.read_text().splitlines()}
     for path in layout.results_dir.glob("*.parquet"):
         assert set(pd.read_parquet(path)["id"]) == user_ids, path.name
     fusion = Scores.load(layout.scores("fusion"))
     choice = fusion.meta["fusion"]
-    assert set(choice["members"]) <= {"loss", "base_loss", "xprompt", "xresponse", "pmi", "ifd", "grad_cos",
-                                      "datainf", "hessian_free", "cartography", "el2n"}
+    assert set(choice["members"]) <= {
+        "loss",
+        "base_loss",
+        "xprompt",
+        "xresponse",
+        "pmi",
+        "ifd",
+        "grad_cos",
+        "datainf",
+        "hessian_free",
+        "cartography",
+        "el2n",
+    }
     loss = Scores.load(layout.scores("loss"))
     assert loss.meta["checkpoint_rule"] == "canary" and 0.0 <= loss.meta["canary_auroc"] <= 1.0
     # the chosen checkpoint is the one whose canary AUROC is highest among the per-epoch scores
@@ -198,8 +287,38 @@ def test_canaries_calibrate_fusion_and_never_reach_outputs(noisy_files, tmp_path
 def test_canary_noise_that_does_not_fit_writes_nothing(noisy_files, tmp_path, capsys):
     noisy, _ = noisy_files
     run = tmp_path / "run"
-    argv = ["finetune", str(noisy), "--out", str(run), "--model", "tiny-llama", "--canaries", "0.1",
-            "--canary-noise", "label_flip_uniform", "--threads", "1"]
+    argv = [
+        "finetune",
+        str(noisy),
+        "--out",
+        str(run),
+        "--model",
+        "tiny-llama",
+        "--canaries",
+        "0.1",
+        "--canary-noise",
+        "label_flip_uniform",
+        "--threads",
+        "1",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "response_swap" in err and len(err.strip().splitlines()) == 1 and not run.exists()
+
+
+def test_streamed_scores_equal_the_store_based_ones_without_a_store(scored_run, tmp_path):
+    import shutil
+
+    from infscope.estimators.scores import Scores
+
+    run = Path(shutil.copytree(scored_run, tmp_path / "copy"))
+    before = {m: Scores.load(RunLayout(run).scores(m)) for m in ("datainf", "hessian_free")}
+    shutil.rmtree(RunLayout(run).root / "scoring")
+    assert main(["score", str(run), "--method", "datainf,hessian_free", "--stream", "--threads", "1"]) == 0
+    assert not (RunLayout(run).root / "scoring").exists() or not any(
+        (RunLayout(run).root / "scoring").rglob("index.json")
+    )
+    for method, old in before.items():
+        new = Scores.load(RunLayout(run).scores(method))
+        got = pd.Series(new.values, index=new.train_ids).loc[old.train_ids].to_numpy()
+        np.testing.assert_allclose(got, old.values, rtol=1e-4, atol=1e-6 * np.abs(old.values).max())

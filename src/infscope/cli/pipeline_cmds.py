@@ -190,6 +190,12 @@ def score_command(
         help="best, last, epoch-N, all (every checkpoint also saved as METHOD@epoch-N, ranked side by side by "
         "evaluate) or canary (each method at the checkpoint that ranks the run's canaries highest).",
     ),
+    stream: bool = typer.Option(
+        False,
+        "--stream",
+        help="Score datainf, hessian_free, grad_cos, datainf_cos inside the gradient pass without keeping "
+        "any gradient store (memory bounded by the batch; DataInf takes 3 passes). Also under torchrun.",
+    ),
     measurement: str = typer.Option(
         "loss",
         "--measurement",
@@ -270,6 +276,15 @@ def score_command(
     opened = open_run(run)
     for note in opened.notes:
         console.print(f"[yellow]note:[/] {note}")
+    if stream:
+        from infscope.scoring.distributed import score_run_distributed
+
+        streamed = score_run_distributed(run, method, checkpoint=checkpoint, stream=True, batch_size=batch_size)
+        if streamed:  # rank 0 (or the only process) prints
+            for name, s in streamed.items():
+                console.print(f"{name}: most harmful {', '.join(s.harmful(min(top, 5)))}")
+            console.print(f"ranked tables: {run}/results/<method>.parquet and .csv (no gradient store kept)")
+        return
     scored = score_run(
         opened,
         method,
