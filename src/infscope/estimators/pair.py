@@ -50,6 +50,8 @@ from infscope.models.pair_losses import EMPTY, classifier_logits, pair_losses
 from infscope.noise.rng import stable_hash
 
 COMPETITORS = ("random", "nearest")
+_WITH_COMPETITORS = ("xprompt", "xresponse")
+_COMPETITOR_OPTIONS = ("k", "competitors", "embeddings", "seed")
 _COMPETITOR_TAG = "pair-competitors"
 Rows = Sequence[Mapping[str, Any]]
 
@@ -228,7 +230,7 @@ def _causal(
         raise InfscopeError("no rows to score; check that the dataset is not empty")
     n = len(rows)
     comp = None
-    if any(name in ("xprompt", "xresponse") for name in names):
+    if any(name in _WITH_COMPETITORS for name in names):
         ids = [str(r.get("id", i)) for i, r in enumerate(rows)]
         comp = competitor_index(ids, k, competitors=competitors, embeddings=embeddings, seed=seed)
     plans = [_plan(name, n, comp) for name in names]
@@ -240,35 +242,8 @@ def _causal(
     }
 
 
-def pmi(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    rows: Rows,
-    *,
-    max_length: int = 256,
-    batch_size: int = 8,
-    response_only: bool = True,
-) -> np.ndarray:
-    """``L(y|x) - L(y|∅)`` per row: high when the instruction does not help predict the response."""
-    encode = {"max_length": max_length, "batch_size": batch_size, "response_only": response_only}
-    return _causal(["pmi"], model, tokenizer, rows, encode, 1, "random", None, 0)["pmi"]
-
-
-def ifd(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    rows: Rows,
-    *,
-    max_length: int = 256,
-    batch_size: int = 8,
-    response_only: bool = True,
-) -> np.ndarray:
-    """``L(y|x) / L(y|∅)`` per row (instruction-following difficulty; about 1 = instruction useless)."""
-    encode = {"max_length": max_length, "batch_size": batch_size, "response_only": response_only}
-    return _causal(["ifd"], model, tokenizer, rows, encode, 1, "random", None, 0)["ifd"]
-
-
-def xprompt(
+def pair_scores(
+    names: Sequence[str],
     model: torch.nn.Module,
     tokenizer: Any,
     rows: Rows,
@@ -280,29 +255,60 @@ def xprompt(
     competitors: str = "random",
     embeddings: Any = None,
     seed: int = 0,
-) -> np.ndarray:
-    """``L(y_i|x_i) - mean_{k∈C_i} L(y_i|x_k)`` per row: other instructions fit the response as well."""
+) -> dict[str, np.ndarray]:
+    """Several causal pair scores from ONE batched pass (shared pairs such as ``L(y_i|x_i)`` run once)."""
+    keys = [_key(name) for name in names]
+    wrong = [key for key in keys if PAIR_TASKS[key] != "causal"]
+    if wrong or not keys:
+        raise InfscopeError(
+            f"pair_scores combines causal scores only, got {', '.join(keys) or 'none'}; call pair_score for "
+            f"{', '.join(wrong) or 'one score'}"
+        )
     encode = {"max_length": max_length, "batch_size": batch_size, "response_only": response_only}
-    return _causal(["xprompt"], model, tokenizer, rows, encode, k, competitors, embeddings, seed)["xprompt"]
+    return _causal(
+        list(dict.fromkeys(keys)), model, tokenizer, rows, encode, k, competitors, embeddings, seed
+    )
 
 
-def xresponse(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    rows: Rows,
-    *,
-    max_length: int = 256,
-    batch_size: int = 8,
-    response_only: bool = True,
-    k: int = 3,
-    competitors: str = "random",
-    embeddings: Any = None,
-    seed: int = 0,
-) -> np.ndarray:
-    """``[L(y_i|x_i) - L(y_i|∅)] - mean_k [L(y_k|x_i) - L(y_k|∅)]``: the instruction fits others' responses as well."""
-    encode = {"max_length": max_length, "batch_size": batch_size, "response_only": response_only}
-    out = _causal(["xresponse"], model, tokenizer, rows, encode, k, competitors, embeddings, seed)
-    return out["xresponse"]
+# ---------------------------------------------------------------- one function per causal score
+
+
+def _causal_score(name: str, doc: str) -> Callable[..., np.ndarray]:
+    """The public function of the causal score ``name``: ``pair_scores([name], ...)[name]``.
+
+    Its signature is :func:`pair_scores`'s without ``names`` (and, for the scores without
+    competitors, without the competitor options), so :func:`pair_options` and the registry see each
+    score's real keyword options and an unknown one is a ``TypeError``, as for a plain function.
+    """
+    params = list(inspect.signature(pair_scores).parameters.values())[1:]
+    if name not in _WITH_COMPETITORS:
+        params = [p for p in params if p.name not in _COMPETITOR_OPTIONS]
+    signature = inspect.Signature(params, return_annotation="np.ndarray")
+
+    def score(*args: Any, **kwargs: Any) -> np.ndarray:
+        return pair_scores([name], **signature.bind(*args, **kwargs).arguments)[name]
+
+    score.__signature__ = signature  # type: ignore[attr-defined]
+    score.__name__ = score.__qualname__ = name
+    score.__doc__ = doc
+    return score
+
+
+pmi = _causal_score(
+    "pmi", "``L(y|x) - L(y|∅)`` per row: high when the instruction does not help predict the response."
+)
+ifd = _causal_score(
+    "ifd", "``L(y|x) / L(y|∅)`` per row (instruction-following difficulty; about 1 = instruction useless)."
+)
+xprompt = _causal_score(
+    "xprompt",
+    "``L(y_i|x_i) - mean_{k∈C_i} L(y_i|x_k)`` per row: other instructions fit the response as well.",
+)
+xresponse = _causal_score(
+    "xresponse",
+    "``[L(y_i|x_i) - L(y_i|∅)] - mean_k [L(y_k|x_i) - L(y_k|∅)]``: the instruction fits others' responses "
+    "as well.",
+)
 
 
 def label_margin(
@@ -377,31 +383,3 @@ def pair_score(name: str, model: torch.nn.Module, tokenizer: Any, rows: Rows, **
     key = _key(name)
     _check_options(key, options)
     return PAIR_SCORES[key](model, tokenizer, rows, **options)
-
-
-def pair_scores(
-    names: Sequence[str],
-    model: torch.nn.Module,
-    tokenizer: Any,
-    rows: Rows,
-    *,
-    max_length: int = 256,
-    batch_size: int = 8,
-    response_only: bool = True,
-    k: int = 3,
-    competitors: str = "random",
-    embeddings: Any = None,
-    seed: int = 0,
-) -> dict[str, np.ndarray]:
-    """Several causal pair scores from ONE batched pass (shared pairs such as ``L(y_i|x_i)`` run once)."""
-    keys = [_key(name) for name in names]
-    wrong = [key for key in keys if PAIR_TASKS[key] != "causal"]
-    if wrong or not keys:
-        raise InfscopeError(
-            f"pair_scores combines causal scores only, got {', '.join(keys) or 'none'}; call pair_score for "
-            f"{', '.join(wrong) or 'one score'}"
-        )
-    encode = {"max_length": max_length, "batch_size": batch_size, "response_only": response_only}
-    return _causal(
-        list(dict.fromkeys(keys)), model, tokenizer, rows, encode, k, competitors, embeddings, seed
-    )

@@ -20,6 +20,7 @@ Shapley and the default ``(16, 1)`` puts most weight on small subsets, where one
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -80,55 +81,7 @@ def beta_weights(n: int, alpha: float = 16.0, beta: float = 1.0) -> np.ndarray:
     return torch.exp(log_choose + log_beta_num - log_beta_den).numpy()
 
 
-def _permutation_values(
-    utility: SubsetUtility,
-    weights: np.ndarray | None,
-    truncation: float | None,
-    rule: StopRule,
-    n_chains: int,
-    seed: int,
-    n_jobs: int,
-    record: int,
-    mp_context: str | None,
-) -> SampledValues:
-    """Shared body of TMC and Beta Shapley: U(empty), U(all) once, then the permutation chains."""
-    if truncation is not None and not truncation >= 0:
-        raise InfscopeError(f"truncation must be >= 0 or None (off), got {truncation}")
-    n = check_utility(utility)
-    empty = float(utility(np.zeros(0, dtype=np.intp)))
-    full = float(utility(np.arange(n))) if truncation is not None else 0.0
-    spec = SamplerSpec("permutation", n, weights, truncation, full, empty, record)
-    return run_chains(utility, spec, rule, n_chains=n_chains, seed=seed, n_jobs=n_jobs, mp_context=mp_context)
-
-
-def tmc_shapley(
-    utility: SubsetUtility,
-    *,
-    truncation: float | None = 0.01,
-    stop: str = "gelman_rubin",
-    rhat_threshold: float = 1.05,
-    rtol: float = 0.01,
-    min_permutations: int = 40,
-    max_permutations: int = 400,
-    check_every: int = 10,
-    n_chains: int = 4,
-    seed: int = 0,
-    n_jobs: int = 1,
-    record: int = 500,
-    mp_context: str | None = None,
-) -> SampledValues:
-    """Truncated Monte Carlo Shapley (Ghorbani & Zou 2019) of every row of ``utility``.
-
-    ``truncation``: stop a scan once ``|U(all) - U(prefix)| <= truncation * |U(all)|`` (None = off,
-    unbiased). ``stop``: ``"gelman_rubin"`` (R-hat < ``rhat_threshold``), ``"relative"`` (L1 change
-    per round < ``rtol``) or ``"none"``. Permutation counts are totals over ``n_chains`` chains;
-    ``check_every`` is per chain per round. ``record`` subsets per chain are kept for :func:`mtm_check`.
-    """
-    rule = StopRule(stop, rhat_threshold, rtol, min_permutations, max_permutations, check_every)
-    return _permutation_values(utility, None, truncation, rule, n_chains, seed, n_jobs, record, mp_context)
-
-
-def beta_shapley(
+def _permutation_semivalue(
     utility: SubsetUtility,
     *,
     alpha: float = 16.0,
@@ -145,16 +98,66 @@ def beta_shapley(
     n_jobs: int = 1,
     record: int = 500,
     mp_context: str | None = None,
+    weighted: bool = True,
 ) -> SampledValues:
+    """Shared body of TMC and Beta Shapley: U(empty), U(all) once, then the permutation chains.
+
+    ``weighted`` weighs position ``k`` of a permutation by ``n * p_k`` of Beta(alpha, beta); without
+    it every position counts the same (plain Shapley) and ``alpha``, ``beta`` are ignored.
+    """
+    weights = None
+    if weighted:
+        n = check_utility(utility)
+        weights = n * beta_weights(n, alpha, beta)
+    if truncation is not None and not truncation >= 0:
+        raise InfscopeError(f"truncation must be >= 0 or None (off), got {truncation}")
+    n = check_utility(utility)
+    empty = float(utility(np.zeros(0, dtype=np.intp)))
+    full = float(utility(np.arange(n))) if truncation is not None else 0.0
+    spec = SamplerSpec("permutation", n, weights, truncation, full, empty, record)
+    rule = StopRule(stop, rhat_threshold, rtol, min_permutations, max_permutations, check_every)
+    return run_chains(utility, spec, rule, n_chains=n_chains, seed=seed, n_jobs=n_jobs, mp_context=mp_context)
+
+
+def _permutation_function(name: str, weighted: bool, doc: str) -> Callable[..., SampledValues]:
+    """The public function ``name``: :func:`_permutation_semivalue` with ``weighted`` fixed.
+
+    Its signature is the shared one without ``weighted`` (and without ``alpha``, ``beta`` when
+    unweighted), so a caller sees the real keyword options and an unknown one is a ``TypeError``.
+    """
+    shared = inspect.signature(_permutation_semivalue)
+    hidden = ("weighted",) if weighted else ("weighted", "alpha", "beta")
+    signature = shared.replace(parameters=[p for p in shared.parameters.values() if p.name not in hidden])
+
+    def value(*args: Any, **kwargs: Any) -> SampledValues:
+        return _permutation_semivalue(**signature.bind(*args, **kwargs).arguments, weighted=weighted)
+
+    value.__signature__ = signature  # type: ignore[attr-defined]
+    value.__name__ = value.__qualname__ = name
+    value.__doc__ = doc
+    return value
+
+
+tmc_shapley = _permutation_function(
+    "tmc_shapley",
+    False,
+    """Truncated Monte Carlo Shapley (Ghorbani & Zou 2019) of every row of ``utility``.
+
+    ``truncation``: stop a scan once ``|U(all) - U(prefix)| <= truncation * |U(all)|`` (None = off,
+    unbiased). ``stop``: ``"gelman_rubin"`` (R-hat < ``rhat_threshold``), ``"relative"`` (L1 change
+    per round < ``rtol``) or ``"none"``. Permutation counts are totals over ``n_chains`` chains;
+    ``check_every`` is per chain per round. ``record`` subsets per chain are kept for :func:`mtm_check`.
+    """,
+)
+beta_shapley = _permutation_function(
+    "beta_shapley",
+    True,
     """Beta(alpha, beta) Shapley (Kwon & Zou 2022) by weighted permutation sampling.
 
     Same sampler and arguments as :func:`tmc_shapley`; the marginal contribution of the row at
     position ``k`` of a permutation is weighted by ``n * p_k`` (:func:`beta_weights`).
-    """
-    n = check_utility(utility)
-    weights = n * beta_weights(n, alpha, beta)
-    rule = StopRule(stop, rhat_threshold, rtol, min_permutations, max_permutations, check_every)
-    return _permutation_values(utility, weights, truncation, rule, n_chains, seed, n_jobs, record, mp_context)
+    """,
+)
 
 
 def banzhaf(
@@ -203,7 +206,9 @@ def _valued(name: str, value: Callable[..., Any], *, sampled: bool, defaults: di
         meta: dict[str, Any] = {"family": "value", "dims": dims}
         if sampled:
             train_x, query_x = reduce_dims(emb.train_x, emb.query_x, dims)
-            utility = LogisticUtility(train_x, emb.train_y, query_x, emb.query_y, metric=merged.pop("metric", "accuracy"))
+            utility = LogisticUtility(
+                train_x, emb.train_y, query_x, emb.query_y, metric=merged.pop("metric", "accuracy")
+            )
             result = value(utility, seed=inputs.seed, **merged)
             check = mtm_check(result.values, result.subsets, result.utilities, seed=inputs.seed)
             meta.update(

@@ -216,13 +216,23 @@ class PerExampleGradients:
         # Asking for the (tiny) batched weight gradients makes autograd run exactly the part of the
         # backward pass that reaches the chosen layers; the output hooks do the per-example work.
         torch.autograd.grad(losses.sum(), [m.weight for m in self.modules.values()], allow_unused=True)
-        b = losses.shape[0]
-        grads = {}
-        for name, module in self.modules.items():
-            grad = self._grads.get(name)
-            if grad is None:  # the layer does not influence the loss
-                grad = losses.new_zeros(b, module_dim(module))
-            grads[name] = grad
+        return self.take(losses.shape[0], dtype=losses.dtype, device=losses.device)
+
+    def take(
+        self, rows: int, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``{module: (rows, d)}`` per-example gradients the hooks gathered since the last take, then cleared.
+
+        :meth:`backward` runs the backward itself; call this directly after a backward run elsewhere
+        (e.g. a training step's, with the hooks on). A module that got no gradient (it does not
+        influence the loss) gets zeros of ``dtype`` on ``device``.
+        """
+        grads = {
+            name: self._grads[name]
+            if name in self._grads
+            else torch.zeros(rows, module_dim(module), dtype=dtype, device=device)
+            for name, module in self.modules.items()
+        }
         self._reset()
         return grads
 

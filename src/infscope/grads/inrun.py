@@ -129,15 +129,8 @@ class InRunCapture:
     def after_backward(self, rows: np.ndarray, losses: torch.Tensor, scale: torch.Tensor) -> None:
         """Undo each row's factor in the batch loss and keep its gradient and loss at its position."""
         assert self.engine is not None
-        engine = self.engine
-        # The hooks filled engine._grads during the training backward; PerExampleGradients.backward
-        # would run its own backward, so the per-module results are read here directly.
-        b = len(rows)
-        grads = {
-            name: engine._grads.get(name, torch.zeros(b, dim, device=self.device))
-            for name, dim in engine.module_dims().items()
-        }
-        engine._reset()
+        # The hooks gathered the gradients during the training step's own backward.
+        grads = self.engine.take(len(rows), device=self.device)
         inverse = torch.where(scale > 0, 1.0 / scale.clamp_min(1e-300), torch.zeros_like(scale))
         index = torch.as_tensor(rows, dtype=torch.long)
         for name, tensor in self.layout.assemble(grads).items():
@@ -178,41 +171,32 @@ def finetune_with_capture(
     run's ``finetune`` folder (``RunLayout.inrun``), else ``<out_dir>/inrun-epoch-N``.
     Without ``config.capture`` this is plain fine-tuning.
     """
-    if config.capture is None:
-        return finetune(
-            loaded,
-            train_rows,
-            val_rows,
-            config,
-            out_dir,
-            label_names=label_names,
-            progress=progress,
-            weights=weights,
-        )
-    if store_dir is None:
-        out = Path(out_dir)
-        root = RunLayout(out.parent) if out.name == "finetune" else None
-        store_dir = root.inrun if root is not None else (lambda e: out / f"inrun-epoch-{e}")
+    observer = None
+    if config.capture is not None:
+        if store_dir is None:
+            out = Path(out_dir)
+            root = RunLayout(out.parent) if out.name == "finetune" else None
+            store_dir = root.inrun if root is not None else (lambda e: out / f"inrun-epoch-{e}")
 
-    def encode(rows: Sequence[dict]) -> Encoded:
-        return encode_rows(
-            list(rows),
-            loaded.tokenizer,
-            task=loaded.task,
-            max_length=config.max_length,
-            response_only=config.response_only,
-            label_names=label_names,
-        )
+        def encode(rows: Sequence[dict]) -> Encoded:
+            return encode_rows(
+                list(rows),
+                loaded.tokenizer,
+                task=loaded.task,
+                max_length=config.max_length,
+                response_only=config.response_only,
+                label_names=label_names,
+            )
 
-    observer = InRunCapture(
-        config.capture,
-        config.epochs,
-        encode(train_rows),
-        encode(val_rows) if val_rows else None,
-        store_dir,
-        block_by=block_by,
-        batch_size=config.batch_size,
-    )
+        observer = InRunCapture(
+            config.capture,
+            config.epochs,
+            encode(train_rows),
+            encode(val_rows) if val_rows else None,
+            store_dir,
+            block_by=block_by,
+            batch_size=config.batch_size,
+        )
     return finetune(
         loaded,
         train_rows,

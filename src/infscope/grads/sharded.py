@@ -24,7 +24,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -43,16 +42,16 @@ from infscope.grads.distributed import (
 from infscope.grads.hooks import BatchSizer, PerExampleGradients, iter_gradients, model_fingerprint
 from infscope.grads.store import INDEX_FILE, RUNTIME_META, SHARD_DIR, GradientStore, collect_to_store
 from infscope.grads.streaming import (
-    _DATAINF,
+    DATAINF,
     METHODS,
     Damping,
     StreamedScores,
-    _cosine,
-    _scalars,
     check_methods,
+    final_scores,
     given_damping,
     query_vectors,
     rule_damping,
+    scalars,
     stream_scores,
 )
 
@@ -177,10 +176,7 @@ def _merge(path: Path, ids: Sequence[str], shard_rows: int, world: int, overwrit
             global_shard = int(match["shard"]) + offset
             target = path / SHARD_DIR / f"{match['stem']}-s{global_shard:05d}{match['suffix']}.npy"
             file.replace(target)
-    # Flag every shard written: the files were written (atomically) by the parts' own collections.
-    # GradientStore has no public call for shards written elsewhere, so its index is set here.
-    store._index["complete"] = [True] * store.n_shards
-    store._save_index()
+    store.mark_complete()  # the files were written (atomically) by the parts' own collections
     store.set_runtime_meta(batch_size_used=min(int(p.meta.get("batch_size_used", 0)) for p, _ in parts))
     for part, _ in parts:
         shutil.rmtree(part.path, ignore_errors=True)
@@ -256,7 +252,7 @@ def stream_scores_sharded(
         ):
             yield {"rows": slice(a - start, b - start), **{k: t.to("cpu", dtype) for k, t in blocks.items()}}
 
-    want_datainf = any(x in _DATAINF for x in methods)
+    want_datainf = any(x in DATAINF for x in methods)
     lams = given_damping(damping, names)
     dot = torch.zeros(m, dtype=torch.float64)
     sq = torch.zeros(m, dtype=torch.float64)
@@ -269,7 +265,7 @@ def stream_scores_sharded(
     for batch in local_pass():  # pass 1: per-row scalars, each block's squared norms
         rows = batch["rows"]
         for j, name in enumerate(names):
-            a, q = _scalars(batch[name], v[name])
+            a, q = scalars(batch[name], v[name])
             dot[rows] += a.double()
             sq[rows] += q.double()
             block_sq[j] += q.double().sum()
@@ -284,8 +280,9 @@ def stream_scores_sharded(
             for batch in local_pass():
                 for name in names:
                     if lams[name] > 0:
-                        accumulate(batch[name], name, *_scalars(batch[name], v[name]), lams[name])
+                        accumulate(batch[name], name, *scalars(batch[name], v[name]), lams[name])
     per_row = [dot, sq]
+    u: dict[str, torch.Tensor] = {}
     if want_datainf:
         summed = all_reduce_sum(torch.cat([weighted[name] for name in names])).split(list(dims.values()))
         active = [name for name in names if lams[name] > 0]
@@ -304,15 +301,6 @@ def stream_scores_sharded(
                 active_sq[rows] += torch.linalg.vector_norm(G, dim=1).square().double()
         per_row += [influence, active_sq]
     full = gather_rows(torch.stack(per_row, dim=1)).unbind(dim=1)
-    scores: dict[str, np.ndarray] = {}
-    if "hessian_free" in methods:
-        scores["hessian_free"] = (-full[0]).numpy()
-    if "grad_cos" in methods:
-        v_sq = sum(float(t.double().square().sum()) for t in v.values())
-        scores["grad_cos"] = (-_cosine(full[0], full[1], v_sq)).numpy()
-    if "datainf" in methods:
-        scores["datainf"] = (-full[2]).numpy()
-    if "datainf_cos" in methods:
-        u_sq = sum(float(t.double().square().sum()) for t in u.values())
-        scores["datainf_cos"] = (-_cosine(full[2], full[3], u_sq)).numpy()
-    return StreamedScores(source.ids, {x: scores[x] for x in methods}, dict(lams), passes, sizer.size)
+    datainf_sums = full[2:] if want_datainf else (None, None)
+    scores = final_scores(methods, v, u, full[0], full[1], *datainf_sums)
+    return StreamedScores(source.ids, scores, dict(lams), passes, sizer.size)

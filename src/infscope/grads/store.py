@@ -274,6 +274,20 @@ class GradientStore:
         self._index["complete"] = [False] * self.n_shards
         self._save_index()
 
+    def mark_complete(self, shards: Sequence[int] | None = None) -> None:
+        """Flag ``shards`` (default: every shard) as written, for shard files put in place another way.
+
+        :meth:`write_shard` flags its own shard; this is for files written (atomically) by another
+        store's collection and moved here, as when rank parts are merged into one store.
+        """
+        chosen = range(self.n_shards) if shards is None else [int(k) for k in shards]
+        bad = [k for k in chosen if not 0 <= k < self.n_shards]
+        if bad:
+            raise InfscopeError(f"shard {bad[0]} is out of range 0..{self.n_shards - 1}")
+        for shard in chosen:
+            self._index["complete"][shard] = True
+        self._save_index()
+
     def _file(self, block: int | str, shard: int, suffix: str = "") -> Path:
         """Shard file of a block position (``b0003-s00012.npy``) or of the losses (``loss-s00012.npy``)."""
         stem = f"b{block:04d}" if isinstance(block, int) else block
@@ -308,8 +322,7 @@ class GradientStore:
         if losses is not None:
             values = losses.detach().double().cpu().numpy() if isinstance(losses, torch.Tensor) else losses
             _save_npy(self._file("loss", shard), np.asarray(values, dtype=np.float64).reshape(stop - start))
-        self._index["complete"][shard] = True
-        self._save_index()
+        self.mark_complete([shard])
 
     def set_runtime_meta(self, **values: Any) -> None:
         """Record how the collection ran (e.g. ``batch_size_used``) in ``meta``; ignored on reuse."""

@@ -40,7 +40,8 @@ from infscope.grads.batching import as_row_source
 from infscope.grads.hooks import BatchSizer, PerExampleGradients, iter_gradients
 
 METHODS = ("datainf", "hessian_free", "grad_cos", "datainf_cos")
-_DATAINF = ("datainf", "datainf_cos")
+#: The methods that need DataInf's preconditioned query ``u`` (and so the extra passes).
+DATAINF = ("datainf", "datainf_cos")
 Damping = float | Mapping[str, float] | None
 
 
@@ -138,15 +139,44 @@ class _Pass:
             yield start, stop, {name: t.to("cpu", self.dtype) for name, t in blocks.items()}
 
 
-def _scalars(G: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def scalars(G: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(g . v, ||g||^2)`` of every row of one batch block."""
     return G @ v, torch.linalg.vector_norm(G, dim=1).square()
 
 
-def _cosine(dot: torch.Tensor, sq: torch.Tensor, vector_sq: float) -> torch.Tensor:
+def cosine(dot: torch.Tensor, sq: torch.Tensor, vector_sq: float) -> torch.Tensor:
     """``dot / (sqrt(vector_sq) sqrt(sq))``, 0 where either norm is 0 (as the store-based cosine)."""
     tiny = torch.finfo(torch.float64).tiny
     return dot / (math.sqrt(vector_sq) * sq.sqrt()).clamp_min(tiny)
+
+
+def final_scores(
+    methods: Sequence[str],
+    v: Mapping[str, torch.Tensor],
+    u: Mapping[str, torch.Tensor],
+    dot: torch.Tensor,
+    sq: torch.Tensor,
+    influence: torch.Tensor | None,
+    active_sq: torch.Tensor | None,
+) -> dict[str, np.ndarray]:
+    """Each method's scores (higher = more harmful, in ``methods`` order) from the per-row sums.
+
+    ``dot`` and ``sq`` are ``sum_b g_ib . v_b`` and ``sum_b ||g_ib||^2``; ``influence`` and
+    ``active_sq`` (needed for the DataInf methods only) are ``sum_b u_b . g_ib`` and the squared
+    norms over the blocks of ``u`` (those with positive damping).
+    """
+    scores: dict[str, np.ndarray] = {}
+    if "hessian_free" in methods:
+        scores["hessian_free"] = (-dot).numpy()
+    if "grad_cos" in methods:
+        v_sq = sum(float(t.double().square().sum()) for t in v.values())
+        scores["grad_cos"] = (-cosine(dot, sq, v_sq)).numpy()
+    if "datainf" in methods:
+        scores["datainf"] = (-influence).numpy()
+    if "datainf_cos" in methods:
+        u_sq = sum(float(t.double().square().sum()) for t in u.values())
+        scores["datainf_cos"] = (-cosine(influence, active_sq, u_sq)).numpy()
+    return {m: scores[m] for m in methods}
 
 
 def stream_scores(
@@ -206,7 +236,7 @@ def stream_scores(
             on_pass(runner.count + 1)
         return runner.batches()
 
-    want_datainf = any(m in _DATAINF for m in methods)
+    want_datainf = any(m in DATAINF for m in methods)
     lams = given_damping(damping, list(dims))
     dot = torch.zeros(n, dtype=torch.float64)  # sum_b g_ib . v_b
     sq = torch.zeros(n, dtype=torch.float64)  # sum_b ||g_ib||^2
@@ -219,7 +249,7 @@ def stream_scores(
     # Pass 1: per-row scalars and the damping (plus s_b when the damping is already known).
     for start, stop, blocks in start_pass():
         for name, G in blocks.items():
-            a, q = _scalars(G, v[name])
+            a, q = scalars(G, v[name])
             dot[start:stop] += a.double()
             sq[start:stop] += q.double()
             block_sq[name] += float(q.double().sum())
@@ -231,13 +261,9 @@ def stream_scores(
             for _, _, blocks in start_pass():
                 for name, G in blocks.items():
                     if lams[name] > 0:
-                        accumulate(G, name, *_scalars(G, v[name]), lams[name])
-    scores: dict[str, np.ndarray] = {}
-    if "hessian_free" in methods:
-        scores["hessian_free"] = (-dot).numpy()
-    if "grad_cos" in methods:
-        v_sq = sum(float(t.double().square().sum()) for t in v.values())
-        scores["grad_cos"] = (-_cosine(dot, sq, v_sq)).numpy()
+                        accumulate(G, name, *scalars(G, v[name]), lams[name])
+    u: dict[str, torch.Tensor] = {}
+    influence = active_sq = None
     if want_datainf:
         active = [name for name in dims if lams[name] > 0]
         u = {name: (v[name] - weighted[name] / n) / lams[name] for name in active}
@@ -249,10 +275,5 @@ def stream_scores(
                 G = blocks[name]
                 influence[start:stop] += (G @ u[name]).double()
                 active_sq[start:stop] += torch.linalg.vector_norm(G, dim=1).square().double()
-        if "datainf" in methods:
-            scores["datainf"] = (-influence).numpy()
-        if "datainf_cos" in methods:
-            u_sq = sum(float(t.double().square().sum()) for t in u.values())
-            scores["datainf_cos"] = (-_cosine(influence, active_sq, u_sq)).numpy()
-    ordered = {m: scores[m] for m in methods}
-    return StreamedScores(source.ids, ordered, dict(lams), runner.count, runner.sizer.size)
+    scores = final_scores(methods, v, u, dot, sq, influence, active_sq)
+    return StreamedScores(source.ids, scores, dict(lams), runner.count, runner.sizer.size)
