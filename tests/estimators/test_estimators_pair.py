@@ -307,3 +307,18 @@ def test_swapped_rows_get_the_largest_xprompt_after_training(llama):
     noisy[3]["output"], noisy[8]["output"] = clean[8]["output"], clean[3]["output"]
     values = xprompt(model, tok, noisy, k=3, seed=0, batch_size=12)
     assert set(np.argsort(-values)[:2]) == {3, 8}
+
+
+def test_response_competitors_are_the_rows_whose_responses_share_the_most_words():
+    from infscope.estimators.pair import competitor_index, response_words
+
+    rows = [
+        {"id": "a", "instruction": "x", "input": "", "output": "red apples and green pears"},
+        {"id": "b", "instruction": "y", "input": "", "output": "blue sky over the sea"},
+        {"id": "c", "instruction": "z", "input": "", "output": "green pears and red apples today"},
+        {"id": "d", "instruction": "w", "input": "", "output": "the sea is blue"},
+    ]
+    words = response_words(rows)
+    np.testing.assert_allclose(np.linalg.norm(words, axis=1), 1.0, rtol=1e-6)
+    comp = competitor_index([r["id"] for r in rows], 1, competitors="response", embeddings=words)
+    assert comp[:, 0].tolist() == [2, 3, 0, 1]

@@ -49,7 +49,9 @@ from infscope.errors import InfscopeError
 from infscope.models.pair_losses import EMPTY, classifier_logits, pair_losses
 from infscope.noise.rng import stable_hash
 
-COMPETITORS = ("random", "nearest")
+COMPETITORS = ("random", "nearest", "response")
+#: Hashed bag-of-words size for ``competitors="response"`` (fixed, so memory is rows x this).
+RESPONSE_WORD_DIMS = 2048
 _WITH_COMPETITORS = ("xprompt", "xresponse")
 _COMPETITOR_OPTIONS = ("k", "competitors", "embeddings", "seed")
 _COMPETITOR_TAG = "pair-competitors"
@@ -116,6 +118,26 @@ def nearest_competitors(embeddings: Any, k: int, chunk_elements: int = 1 << 24) 
     return torch.cat(out).numpy().astype(np.int64)
 
 
+def response_words(rows: Rows, dims: int = RESPONSE_WORD_DIMS) -> np.ndarray:
+    """Hashed, l2-normalised bag of words of each row's response, ``(n, dims)`` float32.
+
+    The competitors of ``competitors="response"``: the rows whose *responses* read most like this
+    row's. When a row carries another row's response, that row's own instruction is among them, so
+    the prompt margin compares the response with the instruction it really belongs to.
+    """
+    from infscope.data.formatting import prompt_response_view
+
+    out = np.zeros((len(rows), dims), dtype=np.float32)
+    bucket: dict[str, int] = {}  # each distinct word hashed once
+    for i, row in enumerate(rows):
+        for word in prompt_response_view(row)[1].lower().split():
+            if word not in bucket:
+                bucket[word] = stable_hash(0, word, "response-words") % dims
+            out[i, bucket[word]] += 1.0
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return out / np.maximum(norms, 1e-12)
+
+
 def competitor_index(
     ids: Sequence[str],
     k: int,
@@ -124,10 +146,15 @@ def competitor_index(
     embeddings: Any = None,
     seed: int = 0,
 ) -> np.ndarray:
-    """Competitor positions ``(n, k)`` for every row by ``competitors`` (``random`` or ``nearest``)."""
+    """Competitor positions ``(n, k)`` for every row by ``competitors``.
+
+    ``random`` (seeded per row id), ``nearest`` (cosine of the ``embeddings`` given) or ``response``
+    (the rows whose responses share the most words: :func:`response_words`, which the caller passes
+    as ``embeddings``).
+    """
     if competitors == "random":
         return random_competitors(ids, k, seed)
-    if competitors == "nearest":
+    if competitors in ("nearest", "response"):
         if embeddings is None:
             raise InfscopeError(
                 "competitors='nearest' needs embeddings (one vector per row); pass embeddings= or use 'random'"

@@ -58,8 +58,19 @@ def get_estimator(name: str, **kwargs: Any) -> Estimator:
 
 
 METHODS: dict[str, Method] = {}
-#: What ``--method default`` (and ``infscope demo``) scores: the influence methods and the baselines.
-DEFAULT_METHODS = ("datainf", "lissa", "exact", "hessian_free", "loss", "base_loss", "grad_norm", "random")
+#: What ``--method default`` (and ``infscope demo``) scores: the influence methods, the pair-consistency
+#: detector that beats the training loss on swapped responses (benchmarks/detectors.py), and the baselines.
+DEFAULT_METHODS = (
+    "datainf",
+    "lissa",
+    "exact",
+    "hessian_free",
+    "xprompt",
+    "loss",
+    "base_loss",
+    "grad_norm",
+    "random",
+)
 
 
 def register(method: Method) -> Method:
@@ -146,10 +157,11 @@ def _dynamics(name: str, fn: Callable[..., Any]) -> Compute:
     return compute
 
 
-def _pair(name: str, score: str, which: str) -> Compute:
+def _pair(name: str, score: str, which: str, defaults: dict[str, Any] | None = None) -> Compute:
     """A pair-consistency score (:mod:`infscope.estimators.pair`) of the tuned (or base) model."""
 
     def compute(inputs: MethodInputs, options: dict[str, Any]) -> Scores:
+        options = {**(defaults or {}), **options}
         allowed = [o for o in pair_options(score) if o not in ("embeddings", "label_names")]
         unknown = sorted(set(options) - set(allowed))
         if unknown:
@@ -168,7 +180,11 @@ def _pair(name: str, score: str, which: str) -> Compute:
             kwargs["label_names"] = encode["label_names"]
         elif "seed" in pair_options(score):
             kwargs.setdefault("seed", inputs.seed)
-        if kwargs.get("competitors") == "nearest":
+        if kwargs.get("competitors") == "response":
+            from infscope.estimators.pair import response_words
+
+            kwargs["embeddings"] = response_words(inputs.rows())
+        elif kwargs.get("competitors") == "nearest":
             from infscope.models.pair_losses import prompt_embeddings
 
             kwargs["embeddings"] = prompt_embeddings(
@@ -185,9 +201,10 @@ def _pair(name: str, score: str, which: str) -> Compute:
     return compute
 
 
-def _pair_method(name: str, score: str, which: str, summary: str) -> Method:
+def _pair_method(name: str, score: str, which: str, summary: str, **defaults: Any) -> Method:
     task = "classification" if score == "label_margin" else "instruction"
-    return Method(name, (MODEL,), _pair(name, score, which), summary, family="pair", tasks=(task,))
+    compute = _pair(name, score, which, defaults)
+    return Method(name, (MODEL,), compute, summary, family="pair", tasks=(task,), options=defaults)
 
 
 #: Methods the ``fusion`` detector chooses among by default (those the run can feed): cheap, and
@@ -274,8 +291,15 @@ for _method in (
     _pair_method("ifd", "ifd", "checkpoint", "L(y|x) / L(y|no instruction) at the tuned model (IFD)"),
     _pair_method("base_pmi", "pmi", "base", "pmi under the base model"),
     _pair_method("base_ifd", "ifd", "base", "ifd under the base model"),
+    # competitors: the rows whose responses read most like this one (benchmarks/detectors.py: best on
+    # response swaps over 3 seeds, ahead of random and prompt-embedding neighbours)
     _pair_method(
-        "xprompt", "xprompt", "checkpoint", "own-instruction loss minus mean loss under K other instructions"
+        "xprompt",
+        "xprompt",
+        "checkpoint",
+        "own-instruction loss minus mean loss under the instructions of the K=3 rows with the most similar responses",
+        k=3,
+        competitors="response",
     ),
     _pair_method(
         "xresponse", "xresponse", "checkpoint", "does this instruction fit other rows' responses as well"
