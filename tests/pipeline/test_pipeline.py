@@ -231,7 +231,12 @@ def test_tracin_over_checkpoints_is_the_lr_weighted_sum_of_gradient_dot_products
 
 
 def test_demo_command_defaults_match_the_pipeline_defaults():
-    """The CLI repeats the defaults (importing the pipeline at start-up would load torch for --help)."""
+    """The demo's options take PipelineConfig's defaults (from the torch-free pipeline_config), and its
+    default method list is the registry's."""
+    from infscope.estimators.registry import DEFAULT_METHODS
+    from infscope.pipeline_config import DEFAULT_METHODS as CONFIG_DEFAULT_METHODS
+
+    assert CONFIG_DEFAULT_METHODS == DEFAULT_METHODS
     import inspect
 
     from infscope.cli.pipeline_cmds import demo_command

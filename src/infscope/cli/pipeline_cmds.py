@@ -8,6 +8,7 @@ seeds with mean and 95 % interval).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,12 @@ from infscope.cli import app, console
 from infscope.cli.options import Device, Dtype, Threads, column_options
 from infscope.data.manifest import read_manifest
 from infscope.errors import InfscopeError
+from infscope.pipeline_config import PipelineConfig
 from infscope.runs import RunLayout
+
+#: The demo's option defaults are PipelineConfig's field defaults (read without building a config,
+#: which would check method names against the registry and import torch).
+PC = {f.name: f.default for f in dataclasses.fields(PipelineConfig)}
 
 
 def _print_leaderboard(rows: list[dict], title: str) -> None:
@@ -71,37 +77,39 @@ def _print_stages(stages: dict) -> None:
 
 @app.command("demo")
 def demo_command(
-    model: str = typer.Option(
-        "smollm2-135m", "--model", "-m", help="smollm2-135m (real) or tiny-llama (fast)."
-    ),
+    model: str = typer.Option(PC["model"], "--model", "-m", help="smollm2-135m (real) or tiny-llama (fast)."),
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Run directory (default: infscope-demo-MODEL)."
     ),
-    dataset: str = typer.Option("sentence_transform", "--dataset", help="Built-in dataset to generate."),
-    classes: int = typer.Option(10, "--classes", help="Classes of the built-in dataset."),
-    train_per_class: int = typer.Option(12, "--train-per-class", help="Training rows per class."),
-    val_per_class: int = typer.Option(2, "--val-per-class", help="Validation (query) rows per class."),
-    ratio: float = typer.Option(0.2, "--ratio", help="Share of training rows to corrupt."),
+    dataset: str = typer.Option(PC["dataset"], "--dataset", help="Built-in dataset to generate."),
+    classes: int = typer.Option(PC["classes"], "--classes", help="Classes of the built-in dataset."),
+    train_per_class: int = typer.Option(
+        PC["train_per_class"], "--train-per-class", help="Training rows per class."
+    ),
+    val_per_class: int = typer.Option(
+        PC["val_per_class"], "--val-per-class", help="Validation (query) rows per class."
+    ),
+    ratio: float = typer.Option(PC["noise_ratio"], "--ratio", help="Share of training rows to corrupt."),
     strategy: str = typer.Option(
-        "balanced", "--strategy", help="Noise strategy (balanced, grammar_heavy, ...)."
+        PC["noise_strategy"], "--strategy", help="Noise strategy (balanced, grammar_heavy, ...)."
     ),
     weights: str | None = typer.Option(
         None,
         "--weights",
         help="Noise weights over families/operators (default: the demo mix; 'none' uses --strategy).",
     ),
-    epochs: int = typer.Option(2, "--epochs", help="Fine-tuning epochs (one checkpoint each)."),
-    lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate."),
+    epochs: int = typer.Option(PC["epochs"], "--epochs", help="Fine-tuning epochs (one checkpoint each)."),
+    lr: float = typer.Option(PC["lr"], "--lr", help="Peak learning rate."),
     lora_layers: str | None = typer.Option(
         None, "--lora-layers", help="Decoder layers that get LoRA: all, top:N or a list like 20-29."
     ),
     methods: str = typer.Option("default", "--method", help="Comma-separated methods, 'default' or 'all'."),
     checkpoint: str = typer.Option(
-        "best",
+        PC["checkpoint"],
         "--checkpoint",
         help="best (lowest validation loss), last, all, or canary (each method's best on canaries).",
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed for data, noise, LoRA init and batch order."),
+    seed: int = typer.Option(PC["seed"], "--seed", help="Seed for data, noise, LoRA init and batch order."),
     device: Device = "cpu",
     dtype: Dtype = "float32",
     canaries: float | None = typer.Option(
@@ -279,7 +287,9 @@ def score_command(
     if stream:
         from infscope.scoring.distributed import score_run_distributed
 
-        streamed = score_run_distributed(run, method, checkpoint=checkpoint, stream=True, batch_size=batch_size)
+        streamed = score_run_distributed(
+            run, method, checkpoint=checkpoint, stream=True, batch_size=batch_size
+        )
         if streamed:  # rank 0 (or the only process) prints
             for name, s in streamed.items():
                 console.print(f"{name}: most harmful {', '.join(s.harmful(min(top, 5)))}")
