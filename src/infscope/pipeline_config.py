@@ -10,20 +10,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from infscope.defaults import DEFAULT_METHODS
 from infscope.errors import InfscopeError
 
-#: What ``--method default`` scores (kept equal to the registry's ``DEFAULT_METHODS`` by a test).
-DEFAULT_METHODS = (
-    "datainf",
-    "lissa",
-    "exact",
-    "hessian_free",
-    "xprompt",
-    "loss",
-    "base_loss",
-    "grad_norm",
-    "random",
-)
 #: Which checkpoint is scored: lowest validation loss, the last, every one, or each method's best on canaries.
 CHECKPOINT_CHOICES = ("best", "last", "all", "canary")
 #: The demo's noise: label-preserving grammar and quality noise, semantic noise, and enough

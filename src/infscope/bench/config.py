@@ -343,7 +343,7 @@ def _parse_model(entry: Any, where: str) -> ModelAxis:
 
 
 def _parse_methods(value: Any, where: str) -> tuple[str, ...]:
-    from infscope.pipeline import parse_methods
+    from infscope.scoring.methods import parse_methods
 
     items = value.split(",") if isinstance(value, str) else _list(value, where)
     try:

@@ -13,7 +13,8 @@ def methods_command(
     markdown: bool = typer.Option(False, "--markdown", help="Print the table as Markdown."),
 ) -> None:
     """List every scoring method `infscope score --method` accepts, with what it needs."""
-    from infscope.estimators.registry import DEFAULT_METHODS, METHODS
+    from infscope.defaults import DEFAULT_METHODS
+    from infscope.estimators.registry import METHODS
 
     rows = [
         (

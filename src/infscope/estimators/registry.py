@@ -58,19 +58,6 @@ def get_estimator(name: str, **kwargs: Any) -> Estimator:
 
 
 METHODS: dict[str, Method] = {}
-#: What ``--method default`` (and ``infscope demo``) scores: the influence methods, the pair-consistency
-#: detector that beats the training loss on swapped responses (benchmarks/detectors.py), and the baselines.
-DEFAULT_METHODS = (
-    "datainf",
-    "lissa",
-    "exact",
-    "hessian_free",
-    "xprompt",
-    "loss",
-    "base_loss",
-    "grad_norm",
-    "random",
-)
 
 
 def register(method: Method) -> Method:

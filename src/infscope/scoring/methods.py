@@ -11,9 +11,10 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from infscope.defaults import DEFAULT_METHODS
 from infscope.errors import InfscopeError
 from infscope.estimators.inputs import MethodInputs
-from infscope.estimators.registry import DEFAULT_METHODS, METHODS, get_method
+from infscope.estimators.registry import METHODS, get_method
 from infscope.estimators.scores import Scores
 from infscope.runs import PeakMemory
 
