@@ -363,3 +363,20 @@ def test_checkpoint_all_on_a_one_epoch_run_lists_each_method_once(tmp_path):
     scored = score_run(out, ["loss", "hessian_free"], checkpoint="all")
     assert sorted(scored) == ["hessian_free", "loss"]
     assert sorted(p.stem for p in RunLayout(out).scores_dir.glob("*.npz")) == ["hessian_free", "loss", "random"]
+
+
+def test_run_inputs_free_their_gradients_and_models_with_them(run_copy):
+    """Values computed once per RunInputs live on the instance: nothing keeps a scored run's inputs alive."""
+    import gc
+    import weakref
+
+    from infscope.scoring import RunInputs, open_run
+
+    opened = open_run(run_copy)
+    inputs = RunInputs(opened, opened.best, opened.val)
+    assert inputs.train_grads() is inputs.train_grads()  # computed once
+    assert inputs.model() is inputs.model("checkpoint")
+    ref = weakref.ref(inputs)
+    del inputs
+    gc.collect()
+    assert ref() is None

@@ -7,6 +7,7 @@ gradient pass and two model-forward methods share one model load.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,6 +41,28 @@ IN_MEMORY_LIMIT = 2 << 30
 #: What the query gradient measures: the validation loss, or how much the model relies on each
 #: validation prompt (``L(A|Q) - L(A|Q')``, own prompt versus another row's).
 MEASUREMENTS = ("loss", "pairing")
+
+
+def per_instance(method):
+    """Compute a method's value once per instance and arguments, stored on the instance.
+
+    Unlike ``functools.cache`` on a method, the values (gradient sets, loaded models) go away with
+    the instance, so scoring several runs in one process does not keep every model alive.
+    """
+
+    signature = inspect.signature(method)
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()  # model() and model("checkpoint") are the same value
+        key = (method.__name__, *tuple(bound.arguments.items())[1:])
+        memo = self.__dict__.setdefault("_memo", {})
+        if key not in memo:
+            memo[key] = method(self, *args, **kwargs)
+        return memo[key]
+
+    return wrapper
 
 
 def in_memory_if_small(grads: GradientSet, limit_bytes: int = IN_MEMORY_LIMIT) -> GradientSet:
@@ -107,7 +130,7 @@ class RunInputs:
             return row_classes(self.run.train) is not None and row_classes(self._query) is not None
         return False
 
-    @functools.cache  # noqa: B019 - one instance per scoring call; the cache is the point
+    @per_instance
     def _at(self, path: str):
         return checkpoint_gradients(
             self.run.spec,
@@ -120,14 +143,14 @@ class RunInputs:
             block_by=self.block_by,
         )
 
-    @functools.cache  # noqa: B019
+    @per_instance
     def train_grads(self) -> GradientSet:
         return in_memory_if_small(self._at(self.checkpoint.path)[0])
 
     def query_grads(self) -> GradientSet:
         return self._query_at(self.checkpoint.path)
 
-    @functools.cache  # noqa: B019
+    @per_instance
     def _query_at(self, path: str) -> GradientSet:
         """The query gradient of the measurement: the loss, or the pairing gap (own minus shuffled prompt)."""
         own = self._at(path)[1]
@@ -148,7 +171,7 @@ class RunInputs:
     def losses(self) -> pd.DataFrame:
         return self._at(self.checkpoint.path)[2]
 
-    @functools.cache  # noqa: B019
+    @per_instance
     def checkpoints(self) -> list[CheckpointGradients]:
         out = []
         for c in self.run.checkpoints:
@@ -157,7 +180,7 @@ class RunInputs:
             out.append(CheckpointGradients(c.tag, c.path, train, query, lr, c.optimizer_path))
         return out
 
-    @functools.cache  # noqa: B019
+    @per_instance
     def _optimizer_param_names(self) -> tuple[str, ...]:
         """Names of the adapter parameters in the order the optimiser was built with (trainable adapter)."""
         from infscope.models.lora import load_adapter, trainable_parameters
@@ -177,7 +200,7 @@ class RunInputs:
             checkpoint.optimizer_path, list(self._optimizer_param_names()), checkpoint.train
         )
 
-    @functools.cache  # noqa: B019
+    @per_instance
     def model(self, which: str = "checkpoint") -> Any:
         """The base model (``which="base"``) or the scored checkpoint's, with its tokenizer, in eval mode."""
         from infscope.models.lora import load_adapter
@@ -193,7 +216,7 @@ class RunInputs:
         loaded.model.eval()
         return loaded
 
-    @functools.cache  # noqa: B019
+    @per_instance
     def kfac_factors(self, fisher: str = "empirical") -> Any:
         """K-FAC factors of the training rows at the checkpoint, cached in ``RunLayout.kfac`` (see grads/kfac.py)."""
 
@@ -220,7 +243,7 @@ class RunInputs:
             )
         return pd.read_parquet(path)
 
-    @functools.cache  # noqa: B019
+    @per_instance
     def out_of_fold(self, k: int) -> OutOfFold:
         """K fine-tunes with the run's settings, each without one fold; every row scored by its fold's model."""
         import torch
@@ -274,7 +297,7 @@ class RunInputs:
                 labels[held] = given
         return OutOfFold(k, losses, probs, labels)
 
-    @functools.cache  # noqa: B019
+    @per_instance
     def embeddings(self) -> Embeddings:
         from infscope.models.embed import mean_hidden_states
         from infscope.scoring.gradients import encode_for
