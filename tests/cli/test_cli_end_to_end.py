@@ -322,3 +322,32 @@ def test_streamed_scores_equal_the_store_based_ones_without_a_store(scored_run, 
         new = Scores.load(RunLayout(run).scores(method))
         got = pd.Series(new.values, index=new.train_ids).loc[old.train_ids].to_numpy()
         np.testing.assert_allclose(got, old.values, rtol=1e-4, atol=1e-6 * np.abs(old.values).max())
+
+
+def test_method_options_on_the_command_line(scored_run, tmp_path, capsys):
+    import shutil
+
+    from infscope.cli.pipeline_cmds import parse_method_options
+    from infscope.estimators.scores import Scores
+
+    assert parse_method_options(["xprompt.k=5", "xprompt.aggregate=min", "lissa.tol=1e-6"]) == {
+        "xprompt": {"k": 5, "aggregate": "min"},
+        "lissa": {"tol": 1e-6},
+    }
+    run = Path(shutil.copytree(scored_run, tmp_path / "copy"))
+    argv = [
+        "score",
+        str(run),
+        "--method",
+        "xprompt",
+        "--option",
+        "xprompt.k=2",
+        "--option",
+        "xprompt.aggregate=min",
+    ]
+    assert main([*argv, "--threads", "1"]) == 0
+    meta = Scores.load(RunLayout(run).scores("xprompt")).meta
+    assert (meta["k"], meta["aggregate"], meta["competitors"]) == (2, "min", "response")
+    assert main(["score", str(run), "--method", "xprompt", "--option", "xprompt.nope=1"]) == 2
+    assert main(["score", str(run), "--option", "bad"]) == 2
+    assert "no option 'nope'" in capsys.readouterr().err

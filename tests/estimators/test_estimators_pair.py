@@ -322,3 +322,19 @@ def test_response_competitors_are_the_rows_whose_responses_share_the_most_words(
     np.testing.assert_allclose(np.linalg.norm(words, axis=1), 1.0, rtol=1e-6)
     comp = competitor_index([r["id"] for r in rows], 1, competitors="response", embeddings=words)
     assert comp[:, 0].tolist() == [2, 3, 0, 1]
+
+
+def test_xprompt_min_aggregate_takes_the_best_competitor():
+    from infscope.errors import InfscopeError
+    from infscope.estimators.pair import xprompt_plan
+
+    comp = np.array([[1, 2], [0, 2], [0, 1]])
+    plan = xprompt_plan(comp, "min")
+    own = np.array([3.0, 1.0, 2.0])
+    cross = np.array([2.5, 4.0, 0.5, 0.7, 1.0, 9.0])  # row 0 vs rows 1, 2; row 1 vs 0, 2; row 2 vs 0, 1
+    np.testing.assert_allclose(plan.combine(np.concatenate([own, cross])), [3.0 - 2.5, 1.0 - 0.5, 2.0 - 1.0])
+    np.testing.assert_allclose(
+        xprompt_plan(comp).combine(np.concatenate([own, cross])), [3.0 - 3.25, 1.0 - 0.6, 2.0 - 5.0]
+    )
+    with pytest.raises(InfscopeError, match="aggregate"):
+        xprompt_plan(comp, "median")

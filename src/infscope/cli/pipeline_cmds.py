@@ -198,6 +198,12 @@ def score_command(
         help="best, last, epoch-N, all (every checkpoint also saved as METHOD@epoch-N, ranked side by side by "
         "evaluate) or canary (each method at the checkpoint that ranks the run's canaries highest).",
     ),
+    option: list[str] = typer.Option(
+        [],
+        "--option",
+        help="A method option as METHOD.KEY=VALUE, e.g. xprompt.k=5, xprompt.aggregate=min, "
+        "lissa.max_iter=1000 (repeatable; `infscope methods` lists the methods).",
+    ),
     stream: bool = typer.Option(
         False,
         "--stream",
@@ -304,9 +310,31 @@ def score_command(
         batch_size=batch_size,
         block_by=block_by,
         measurement=measurement,
+        options=parse_method_options(option),
         on_method=lambda name, seconds: console.print(f"  {name}: {seconds:.2f} s"),
     )
     _print_score_summary(run, scored, top, show_blocks)
+
+
+def parse_method_options(items: list[str]) -> dict[str, dict[str, object]]:
+    """``["xprompt.k=5", "xprompt.aggregate=min"]`` -> ``{"xprompt": {"k": 5, "aggregate": "min"}}``."""
+    out: dict[str, dict[str, object]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        method, dot, name = key.strip().partition(".")
+        if not (sep and dot and method and name):
+            raise InfscopeError(f"--option {item!r} is not METHOD.KEY=VALUE; pass e.g. --option xprompt.k=5")
+        value: object = raw.strip()
+        for convert in (int, float):
+            try:
+                value = convert(raw)
+                break
+            except ValueError:
+                continue
+        if raw.strip().lower() in ("true", "false"):
+            value = raw.strip().lower() == "true"
+        out.setdefault(method.strip(), {})[name.strip()] = value
+    return out
 
 
 def _print_score_summary(run: Path, scored: dict, top: int, show_blocks: bool) -> None:

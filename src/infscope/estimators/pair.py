@@ -206,13 +206,24 @@ def ifd_plan(n: int) -> PairPlan:
     return PairPlan(_own_and_empty(n), lambda loss: _ratio(loss[:n], loss[n:]))
 
 
-def xprompt_plan(comp: np.ndarray) -> PairPlan:
-    """``L(y_i|x_i) - mean_{k∈C_i} L(y_i|x_k)`` for competitors ``comp`` ``(n, K)``."""
+#: How ``xprompt`` sums up its competitors: their mean loss, or the best (lowest) one.
+AGGREGATES = ("mean", "min")
+
+
+def xprompt_plan(comp: np.ndarray, aggregate: str = "mean") -> PairPlan:
+    """``L(y_i|x_i) - mean_{k∈C_i} L(y_i|x_k)`` (or ``min_k`` with ``aggregate="min"``) for competitors ``comp``.
+
+    ``min`` compares the response with the one competitor instruction that explains it best: with a
+    swapped response that is usually its true owner's instruction (benchmarks/detectors.py).
+    """
+    if aggregate not in AGGREGATES:
+        raise InfscopeError(f"unknown aggregate {aggregate!r}; use one of {', '.join(AGGREGATES)}")
     n, k = comp.shape
     i = np.arange(n)
     cross = np.stack([np.repeat(i, k), comp.reshape(-1)], 1)
     pairs = np.concatenate([np.stack([i, i], 1), cross])
-    return PairPlan(pairs, lambda loss: loss[:n] - loss[n:].reshape(n, k).mean(axis=1))
+    pick = np.mean if aggregate == "mean" else np.min
+    return PairPlan(pairs, lambda loss: loss[:n] - pick(loss[n:].reshape(n, k), axis=1))
 
 
 def xresponse_plan(comp: np.ndarray) -> PairPlan:
@@ -229,13 +240,13 @@ def xresponse_plan(comp: np.ndarray) -> PairPlan:
     return PairPlan(pairs, combine)
 
 
-def _plan(name: str, n: int, comp: np.ndarray | None) -> PairPlan:
+def _plan(name: str, n: int, comp: np.ndarray | None, aggregate: str = "mean") -> PairPlan:
     if name == "pmi":
         return pmi_plan(n)
     if name == "ifd":
         return ifd_plan(n)
     assert comp is not None
-    return xprompt_plan(comp) if name == "xprompt" else xresponse_plan(comp)
+    return xprompt_plan(comp, aggregate) if name == "xprompt" else xresponse_plan(comp)
 
 
 # ---------------------------------------------------------------- score functions
@@ -251,6 +262,7 @@ def _causal(
     competitors: str,
     embeddings: Any,
     seed: int,
+    aggregate: str = "mean",
 ) -> dict[str, np.ndarray]:
     """Values of the causal scores ``names`` over one batched pass of all the pairs they need."""
     if not rows:
@@ -260,7 +272,7 @@ def _causal(
     if any(name in _WITH_COMPETITORS for name in names):
         ids = [str(r.get("id", i)) for i, r in enumerate(rows)]
         comp = competitor_index(ids, k, competitors=competitors, embeddings=embeddings, seed=seed)
-    plans = [_plan(name, n, comp) for name in names]
+    plans = [_plan(name, n, comp, aggregate) for name in names]
     losses = pair_losses(model, tokenizer, rows, np.concatenate([p.pairs for p in plans]), **encode)
     ends = np.cumsum([len(p.pairs) for p in plans])
     return {
@@ -282,6 +294,7 @@ def pair_scores(
     competitors: str = "random",
     embeddings: Any = None,
     seed: int = 0,
+    aggregate: str = "mean",
 ) -> dict[str, np.ndarray]:
     """Several causal pair scores from ONE batched pass (shared pairs such as ``L(y_i|x_i)`` run once)."""
     keys = [_key(name) for name in names]
@@ -293,7 +306,7 @@ def pair_scores(
         )
     encode = {"max_length": max_length, "batch_size": batch_size, "response_only": response_only}
     return _causal(
-        list(dict.fromkeys(keys)), model, tokenizer, rows, encode, k, competitors, embeddings, seed
+        list(dict.fromkeys(keys)), model, tokenizer, rows, encode, k, competitors, embeddings, seed, aggregate
     )
 
 
@@ -310,6 +323,8 @@ def _causal_score(name: str, doc: str) -> Callable[..., np.ndarray]:
     params = list(inspect.signature(pair_scores).parameters.values())[1:]
     if name not in _WITH_COMPETITORS:
         params = [p for p in params if p.name not in _COMPETITOR_OPTIONS]
+    if name != "xprompt":  # only the prompt margin has an aggregate over its competitors
+        params = [p for p in params if p.name != "aggregate"]
     signature = inspect.Signature(params, return_annotation="np.ndarray")
 
     def score(*args: Any, **kwargs: Any) -> np.ndarray:
