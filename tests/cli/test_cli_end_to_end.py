@@ -351,3 +351,15 @@ def test_method_options_on_the_command_line(scored_run, tmp_path, capsys):
     assert main(["score", str(run), "--method", "xprompt", "--option", "xprompt.nope=1"]) == 2
     assert main(["score", str(run), "--option", "bad"]) == 2
     assert "no option 'nope'" in capsys.readouterr().err
+
+
+def test_streamed_scores_leave_canaries_out(noisy_files, tmp_path):
+    noisy, _ = noisy_files
+    run = tmp_path / "run"
+    common = ["--model", "tiny-llama", "--max-length", "64", "--threads", "1"]
+    assert (
+        main(["finetune", str(noisy), "--out", str(run), "--epochs", "1", "--canaries", "0.2", *common]) == 0
+    )
+    assert main(["score", str(run), "--method", "hessian_free", "--stream", "--threads", "1"]) == 0
+    user_ids = {json.loads(line)["id"] for line in RunLayout(run).train.read_text().splitlines()}
+    assert set(pd.read_parquet(RunLayout(run).results("hessian_free"))["id"]) == user_ids

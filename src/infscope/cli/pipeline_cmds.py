@@ -342,10 +342,11 @@ def _print_score_summary(run: Path, scored: dict, top: int, show_blocks: bool) -
     from infscope.grads.store import GradientStore
     from infscope.runs import RunDir
 
-    record = RunDir.open(run).record
+    opened = RunDir.open(run)
+    record = opened.record
     info = record.stages.get("score", {}).get("info", {})
     first = next(iter(scored.values()))
-    store_path = RunDir.open(run).layout.grads(
+    store_path = opened.layout.grads(
         info.get("checkpoint", ""), "train", info.get("block_by", "matrix")
     )
     if (store_path / "index.json").is_file():

@@ -158,9 +158,13 @@ def score_run_distributed(
         check_methods(names)
         scored = streamed_scores(run_dir, names, checkpoint=checkpoint, batch_size=batch_size)
         if is_main():
+            from infscope.estimators.fusion import drop_canaries
             from infscope.scoring.tables import save_scores
 
-            save_scores(open_run(run_dir).layout, scored)
+            opened = open_run(run_dir)
+            if opened.canary_ids:  # canaries are scored with the rows but never saved or returned
+                scored = {name: drop_canaries(s, opened.canary_ids) for name, s in scored.items()}
+            save_scores(opened.layout, scored)
         barrier()
         return scored if is_main() else None
     run = open_run(run_dir)
