@@ -67,8 +67,10 @@ def test_two_rounds_drop_the_most_harmful_rows(files, finished):
         assert sorted(dropped) == sorted(candidates["id"].head(4))
     best = result.best_round
     assert result.table[best]["kept"] and sum(row["kept"] for row in result.table) == 1
-    values = [row["accuracy"] for row in result.table]
-    assert values[best] == max(values) and best == values.index(max(values))
+    values = [row["val_accuracy"] for row in result.table]  # kept by validation accuracy (the default)
+    ties = [r for r, v in enumerate(values) if v == max(values)]
+    assert best == min(ties, key=lambda r: (result.table[r]["val_loss"], r))
+    assert result.report["select"] == "val" and result.report["selected_by"] == "validation accuracy"
     assert set(result.baselines) == {"noisy", "random", "oracle"}
     assert result.baselines["oracle"]["rows_changed"] == 6  # round(0.25 * 24) flipped labels
     assert result.baselines["noisy"]["accuracy"] == result.table[0]["accuracy"]
@@ -87,6 +89,54 @@ def test_test_accuracy_matches_a_per_row_loop(files, finished):
             losses.append(float(-torch.log_softmax(logits, -1)[row["label"]]))
     assert result.table[2]["accuracy"] == pytest.approx(np.mean(correct), abs=1e-12)
     assert result.table[2]["loss"] == pytest.approx(np.mean(losses), rel=1e-4)
+    n = len(test)
+    assert result.table[2]["accuracy_se"] == pytest.approx(np.std(correct, ddof=1) / np.sqrt(n), abs=1e-12)
+    assert result.table[2]["loss_se"] == pytest.approx(np.std(losses, ddof=1) / np.sqrt(n), rel=1e-3)
+
+
+def test_best_round_by_metric_then_loss_then_earlier_round():
+    table = [
+        {"round": 0, "accuracy": 0.5, "loss": 1.0, "val_accuracy": 0.7, "val_loss": 0.9},
+        {"round": 1, "accuracy": 0.9, "loss": 0.5, "val_accuracy": 0.7, "val_loss": 0.8},
+        {"round": 2, "accuracy": 0.9, "loss": 0.4, "val_accuracy": 0.6, "val_loss": 0.1},
+        {"round": 3, "accuracy": 0.9, "loss": 0.4, "val_accuracy": 0.6, "val_loss": 0.1},
+    ]
+    assert loop_module.best_round(table, "val_accuracy", True) == 1  # tie at 0.7: lower val loss
+    assert loop_module.best_round(table, "accuracy", True) == 2  # tie at 0.9 and 0.4: earlier round
+    assert loop_module.best_round(table, "val_loss", False) == 2
+    assert loop_module.selection_key("accuracy", "val") == "val_accuracy"
+    assert loop_module.selection_key("accuracy", "test") == "accuracy"
+
+
+def test_select_val_keeps_the_round_validation_prefers_and_reuse_trains_nothing_twice(
+    files, tmp_path, monkeypatch
+):
+    """Validation and test disagree by construction: val picks round 2, test picks round 1."""
+    test_acc, val_acc = iter([0.5, 0.9, 0.6]), iter([0.5, 0.6, 0.8])
+
+    def fake(loaded, rows, **kwargs):
+        is_val = [r["id"] for r in rows] == [json.loads(line)["id"] for line in (files / "val.jsonl").open()]
+        value = next(val_acc if is_val else test_acc)
+        return {"loss": 1.0 - value, "accuracy": value}
+
+    monkeypatch.setattr(loop_module, "test_metrics", fake)
+    reuse = tmp_path / "reuse"
+    by_val = run_clean(_config(files, baselines=False), tmp_path / "val", reuse=reuse)
+    assert [row["val_accuracy"] for row in by_val.table] == [0.5, 0.6, 0.8]
+    assert [row["accuracy"] for row in by_val.table] == [0.5, 0.9, 0.6]
+    assert by_val.best_round == 2 and by_val.table[2]["gain"] == pytest.approx(0.2)
+    assert by_val.report["selected_by"] == "validation accuracy"
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a round already in the reuse folder was trained again")
+
+    monkeypatch.setattr("infscope.models.finetune.finetune", no_training)
+    by_test = run_clean(_config(files, baselines=False, select="test"), tmp_path / "test", reuse=reuse)
+    assert [row["accuracy"] for row in by_test.table] == [0.5, 0.9, 0.6]  # the same rounds, copied
+    assert by_test.best_round == 1 and by_test.report["select"] == "test"
+    for r in range(3):  # the copies point at their own checkpoints
+        text = (tmp_path / "test" / "rounds" / f"round-{r}" / "finetune" / "checkpoints.json").read_text()
+        assert str(tmp_path / "val") not in text and str(tmp_path / "test") in text
 
 
 def test_outputs_hide_canaries_and_undo_restores_bytes(files, finished, tmp_path):
@@ -141,6 +191,7 @@ def test_resume_after_an_interruption_in_round_2(files, finished, tmp_path, monk
         (["--action", "repair", "--expert", "local:tiny-llama"], "repair rewrites responses"),
         (["--rounds", "0"], "--rounds 0"),
         (["--k", "0"], "0 rows"),
+        (["--select", "best"], "--select 'best' is not val or test"),
     ],
 )
 def test_bad_inputs_exit_2_and_write_nothing(files, tmp_path, capsys, args, message):

@@ -6,12 +6,20 @@ then fine-tunes again from the same base model and seed on the changed rows, sco
 evaluates on the test set. Every round is a run directory of its own (``rounds/round-N``, made
 like ``infscope finetune`` makes one) scored with :func:`infscope.scoring.score_run`.
 
-The loop stops when the test metric's gain over the previous round falls under ``min_gain`` or
-the metric gets worse (unless ``early_stop`` is off), and keeps the best round (ties: the earlier,
-less cleaned one). In the same run it trains two baselines from the input: the same action on as
+Every round is measured on the validation rows as well as on the test rows. ``select`` says which
+of the two picks rounds: ``val`` (the default) keeps the round with the best *validation* metric
+and stops on validation gains, so the test number of the kept round is an honest estimate; ``test``
+picks by the test metric itself, which makes the kept round's test number slightly optimistic
+(the baselines get no such choice). The loop stops when the selection metric's gain over the
+previous round falls under ``min_gain`` or the metric gets worse (unless ``early_stop`` is off),
+and keeps the best round by that metric (ties: the lower loss on the same split, then the earlier,
+less cleaned round). In the same run it trains two baselines from the input: the same action on as
 many random rows as the kept rounds changed, and the oracle, the action on exactly the rows the
-noise manifest marks. Note that choosing the kept round by the test metric makes its test number
-slightly optimistic; the baselines get no such choice.
+noise manifest marks.
+
+With ``reuse`` (a folder), a round whose rows, weights, model and settings match one trained
+before (by any clean run given the same folder) copies that round instead of fine-tuning again;
+benchmarks use it to share the no-cleaning round and the baselines between methods.
 
 Everything is resumable: the loop's own run record lists the finished rounds and baselines; the
 changes of a round are saved before it trains, and its run directory resumes fine-tuning after
@@ -23,6 +31,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import shutil
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -67,6 +77,10 @@ from infscope.runs import (
 
 #: Changes listed in the report section (the audit log has them all).
 REPORT_CHANGES = 200
+#: What ``--select`` may pick rounds by: the validation rows (honest) or the test rows (optimistic).
+SELECT = ("val", "test")
+#: Prefix of the validation metrics in a round's metrics (``val_accuracy``, ``val_loss``).
+VAL = "val_"
 
 
 @dataclass
@@ -75,7 +89,9 @@ class CleanConfig:
 
     ``k`` is the per-round budget (:class:`~infscope.actions.flagging.Budget`); ``strength`` is
     reweight's ``a``; ``margin`` relabel's confidence margin in nats; ``expert`` repair's expert
-    spec (``local:MODEL`` or ``openai:URL#MODEL``). Fine-tuning settings mirror ``infscope demo``.
+    spec (``local:MODEL`` or ``openai:URL#MODEL``); ``select`` whether rounds are kept and stopped
+    by the validation (``val``) or the test (``test``) metric. Fine-tuning settings mirror
+    ``infscope demo``.
     """
 
     data: str
@@ -105,6 +121,7 @@ class CleanConfig:
     early_stop: bool = True
     generate: bool = True
     baselines: bool = True
+    select: str = "val"
 
     def __post_init__(self) -> None:
         if int(self.rounds) < 1:
@@ -119,6 +136,8 @@ class CleanConfig:
             raise InfscopeError(f"--strength {self.strength} must be a number >= 0; pass e.g. --strength 1")
         if self.checkpoint not in ("best", "last"):
             raise InfscopeError(f"--checkpoint {self.checkpoint!r} is not best or last")
+        if self.select not in SELECT:
+            raise InfscopeError(f"--select {self.select!r} is not val or test; pass --select val")
 
     @property
     def budget(self) -> Budget:
@@ -319,6 +338,33 @@ def tuned_model(run_dir: str | Path, checkpoint: str = "best") -> Any:
     return loaded
 
 
+def _reuse_key(cfg: CleanConfig, prep: _Prepared, record: RunRecord) -> str:
+    """What makes two rounds the same training and evaluation: rows, weights, model, settings, val and test."""
+    parts = {
+        "args": {k: v for k, v in record.args.items() if k != "round"},
+        "model": asdict(record.model),
+        "val": rows_fingerprint(prep.val),
+        "test": rows_fingerprint(prep.test),
+        "checkpoint": cfg.checkpoint,
+        "generate": cfg.generate,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _copy_run(source: Path, target: Path) -> None:
+    """Copy a finished round directory, pointing the absolute paths its JSON files record at the copy."""
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    old, new = str(source.resolve()), str(target.resolve())
+    for path in tmp.rglob("*.json"):
+        text = path.read_text()
+        if old in text:
+            path.write_text(text.replace(json.dumps(old)[1:-1], json.dumps(new)[1:-1]))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, target)
+
+
 def train_round(
     cfg: CleanConfig,
     prep: _Prepared,
@@ -326,10 +372,13 @@ def train_round(
     run_dir: Path,
     rows: list[dict[str, Any]],
     weights: Mapping[str, float],
+    reuse: Path | None = None,
 ) -> RoundResult:
-    """Fine-tune ``rows`` (with ``weights``) into ``run_dir``, score them and evaluate on the test set.
+    """Fine-tune ``rows`` (with ``weights``) into ``run_dir``, score them, evaluate on val and test rows.
 
     Each step is a stage of the round's run directory, so an interrupted round resumes inside it.
+    With ``reuse``, a round trained before with the same rows, weights and settings is copied from
+    there instead of trained, and a newly trained round is stored there.
     """
     from infscope.models.finetune import finetune
     from infscope.models.registry import load_spec
@@ -357,6 +406,9 @@ def train_round(
             "config": ft.to_dict(),
         },
     )
+    cached = Path(reuse) / _reuse_key(cfg, prep, record) if reuse is not None else None
+    if cached is not None and (cached / "run.json").is_file() and not RunLayout(run_dir).record.exists():
+        _copy_run(cached, run_dir)
     run = RunDir.create(run_dir, record, overwrite=True)
     if not run.done("data"):
         with run.stage("data") as rec:
@@ -371,27 +423,32 @@ def train_round(
                 loaded, rows, prep.val, ft, run.layout.finetune, label_names=labels, weights=weights or None
             )
             rec.info.update(best=result.best.path, epochs=len(result.checkpoints))
-    if not run.done("score"):
+    if not RunLayout(run_dir).scores(cfg.method).is_file():  # a copied round may hold other methods only
         score_run(run_dir, [cfg.method], checkpoint=cfg.checkpoint)
         run = RunDir.open(run_dir)
     scores = Scores.load(RunLayout(run_dir).scores(cfg.method))
     by_id = dict(zip(scores.train_ids, scores.vector(), strict=True))
     vector = np.array([by_id.get(str(r["id"]), np.nan) for r in rows], dtype=np.float64)
-    if not run.done("test"):
-        with run.stage("test") as rec:
-            loaded = tuned_model(run_dir, cfg.checkpoint)
-            rec.info.update(
-                test_metrics(
-                    loaded,
-                    prep.test,
-                    task=prep.task,
-                    label_names=prep.label_names,
-                    max_length=cfg.max_length,
-                    batch_size=cfg.batch_size,
-                    generate=cfg.generate,
+    loaded = None
+    for stage, split in (("test", prep.test), ("val", prep.val)):
+        if not run.done(stage):
+            with run.stage(stage) as rec:
+                loaded = loaded or tuned_model(run_dir, cfg.checkpoint)
+                rec.info.update(
+                    test_metrics(
+                        loaded,
+                        split,
+                        task=prep.task,
+                        label_names=prep.label_names,
+                        max_length=cfg.max_length,
+                        batch_size=cfg.batch_size,
+                        generate=cfg.generate,
+                    )
                 )
-            )
     metrics = {k: float(v) for k, v in run.stage_info("test").items()}
+    metrics.update({f"{VAL}{k}": float(v) for k, v in run.stage_info("val").items()})
+    if cached is not None and not cached.exists():
+        _copy_run(run_dir, cached)
     return RoundResult(name, run_dir, rows, dict(weights), vector, metrics)
 
 
@@ -473,17 +530,30 @@ def _changes_for(path: Path, make: Callable[[], list[Change]]) -> list[Change]:
 # ---------------------------------------------------------------- the loop
 
 
+def selection_key(metric: str, select: str) -> str:
+    """The column rounds are compared by: the metric on the validation rows (``val_...``) or test rows."""
+    return f"{VAL}{metric}" if select == "val" else metric
+
+
 def _gain(metric: str, higher: bool, new: Mapping[str, float], old: Mapping[str, float]) -> float:
     return (new[metric] - old[metric]) if higher else (old[metric] - new[metric])
 
 
-def _best(table: list[dict[str, Any]], metric: str, higher: bool) -> int:
-    trained = [row for row in table if row.get(metric) is not None]
-    best = trained[0]
-    for row in trained[1:]:
-        if (row[metric] > best[metric]) if higher else (row[metric] < best[metric]):
-            best = row
-    return int(best["round"])
+def best_round(table: Sequence[Mapping[str, Any]], key: str, higher: bool) -> int:
+    """The round with the best ``key`` column; ties go to the lower loss on the same split, then the earlier round.
+
+    The loss of the same split is ``val_loss`` for ``val_...`` keys and ``loss`` otherwise; accuracy
+    on a small split moves in coarse steps, so equal accuracies are common and the loss tells them apart.
+    """
+    loss = f"{VAL}loss" if key.startswith(VAL) else "loss"
+
+    def rank(row: Mapping[str, Any]) -> tuple[float, float, int]:
+        value = float(row[key])
+        tie = float(row.get(loss, math.nan)) if key != loss else 0.0
+        return (-value if higher else value, tie if math.isfinite(tie) else math.inf, int(row["round"]))
+
+    trained = [row for row in table if row.get(key) is not None]
+    return int(min(trained, key=rank)["round"])
 
 
 def _loop_record(cfg: CleanConfig, prep: _Prepared) -> RunRecord:
@@ -514,18 +584,25 @@ def run_clean(
     expert: Any = None,
     overwrite: bool = False,
     log: Callable[[str], None] | None = None,
+    reuse: str | Path | None = None,
 ) -> CleanResult:
-    """Run (or resume) the cleaning loop into ``out`` and write the cleaned data, audit log and tables."""
+    """Run (or resume) the cleaning loop into ``out`` and write the cleaned data, audit log and tables.
+
+    ``reuse``: a folder of trained rounds shared between runs (see the module docstring).
+    """
+    reuse = Path(reuse) if reuse is not None else None
     say = log or (lambda message: None)
     prep = prepare(cfg, columns, expert)
     layout = CleanLayout(out)
     loop = RunDir.create(out, _loop_record(cfg, prep), overwrite=overwrite)
     metric, higher = primary_metric(prep.task, prep.test, cfg.generate)
+    key = selection_key(metric, cfg.select)
+    split = "validation" if cfg.select == "val" else "test"
     budget = cfg.budget
 
     input_rows = list(prep.data.rows)
     say(f"round 0: fine-tuning {cfg.model} on {len(input_rows)} rows as given")
-    current = train_round(cfg, prep, "round-0", layout.round_dir(0), input_rows, {})
+    current = train_round(cfg, prep, "round-0", layout.round_dir(0), input_rows, {}, reuse)
     if not loop.done("round-0"):
         with loop.stage("round-0") as rec:
             rec.info.update(metrics=current.metrics, rows=len(current.rows), changed=0)
@@ -555,8 +632,8 @@ def run_clean(
         all_changes.extend(changes)
         rows, weights = apply_changes(input_rows, {}, all_changes)
         say(f"round {r}: {cfg.action} on {changed_rows(changes)} rows, fine-tuning on {len(rows)} rows")
-        result = train_round(cfg, prep, f"round-{r}", layout.round_dir(r), rows, weights)
-        gain = _gain(metric, higher, result.metrics, previous.metrics)
+        result = train_round(cfg, prep, f"round-{r}", layout.round_dir(r), rows, weights, reuse)
+        gain = _gain(key, higher, result.metrics, previous.metrics)
         stop = cfg.early_stop and (gain < cfg.min_gain or gain < 0)
         if not loop.done(f"round-{r}"):
             with loop.stage(f"round-{r}") as rec:
@@ -565,22 +642,25 @@ def run_clean(
                 )
         results[r] = result
         table.append(_table_row(r, result, changes, changed_rows(all_changes), gain))
-        say(f"round {r}: test {metric} {result.metrics[metric]:.4f} (gain {gain:+.4f})")
+        say(
+            f"round {r}: test {metric} {result.metrics[metric]:.4f}, validation {metric} "
+            f"{result.metrics[f'{VAL}{metric}']:.4f} ({split} gain {gain:+.4f})"
+        )
         if stop:
             worse = gain < 0
             stopped = (
-                f"round {r} made the test {metric} worse"
+                f"round {r} made the {split} {metric} worse"
                 if worse
-                else f"round {r} gained less than {cfg.min_gain:g}"
+                else f"round {r} gained less than {cfg.min_gain:g} in {split} {metric}"
             )
             break
-    best = _best(table, metric, higher)
+    best = best_round(table, key, higher)
     for row in table:
         row["kept"] = row["round"] == best
     kept = [c for c in all_changes if c.round <= best]
     baselines = {"noisy": {"rows_changed": 0, **results[0].metrics}}
     if cfg.baselines:
-        baselines.update(_baselines(cfg, prep, loop, layout, results, kept, all_changes, budget, say))
+        baselines.update(_baselines(cfg, prep, loop, layout, results, kept, all_changes, budget, say, reuse))
     cleaned, audit = _write_outputs(cfg, prep, layout, kept, results[best], best, stopped)
     report = clean_report(cfg, prep, table, best, metric, higher, baselines, kept, stopped, cleaned, audit)
     atomic_write_json(layout.rounds_table, to_jsonable(table))
@@ -612,6 +692,7 @@ def _baselines(
     all_changes: list[Change],
     budget: Budget,
     say: Callable[[str], None],
+    reuse: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Random rows (as many as the kept rounds changed) and the oracle (the manifest's noisy rows)."""
     base = results[0]
@@ -636,7 +717,7 @@ def _baselines(
             continue
         rows, weights = apply_changes(base.rows, {}, changes)
         say(f"baseline {name}: {cfg.action} on {changed_rows(changes)} rows")
-        result = train_round(cfg, prep, f"baseline-{name}", layout.baseline_dir(name), rows, weights)
+        result = train_round(cfg, prep, f"baseline-{name}", layout.baseline_dir(name), rows, weights, reuse)
         if not loop.done(f"baseline:{name}"):
             with loop.stage(f"baseline:{name}") as rec:
                 rec.info.update(metrics=result.metrics, changed=changed_rows(changes))
@@ -699,6 +780,8 @@ def clean_report(
         "metric_note": "exact match of the final number by greedy generation"
         if metric == "exact_match"
         else None,
+        "select": cfg.select,
+        "selected_by": f"{'validation' if cfg.select == 'val' else 'test'} {metric}",
         "rounds": table,
         "best_round": best,
         "stopped": stopped,
@@ -706,6 +789,7 @@ def clean_report(
             "round": [row["round"] for row in table],
             "rows_changed": [row["cumulative"] for row in table],
             metric: [row[metric] for row in table],
+            f"{VAL}{metric}": [row.get(f"{VAL}{metric}") for row in table],
         },
         "baselines": baselines,
         "changes": visible[:REPORT_CHANGES],

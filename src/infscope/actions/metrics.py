@@ -8,7 +8,10 @@
   plus 8 tokens) are decoded greedily, batched with left padding.
 * Other instruction data: ``loss`` only.
 
-:func:`primary_metric` names the metric the cleaning loop compares rounds by.
+:func:`primary_metric` names the metric the cleaning loop compares rounds by. Each metric comes with
+its standard error over the rows (``loss_se``, ``accuracy_se``, ``exact_match_se``: the sample
+standard deviation of the per-row values over sqrt(n)), so a gain can be read against the noise of
+a finite test set.
 """
 
 from __future__ import annotations
@@ -127,9 +130,9 @@ def test_metrics(
                               batch_size=batch_size)  # fmt: skip
         labels = np.array([int(r["label"]) for r in rows])
         row_loss = losses[np.arange(len(rows)), labels]
-        return {"loss": float(row_loss.mean()), "accuracy": float((losses.argmin(axis=1) == labels).mean())}
+        return {**_mean_se("loss", row_loss), **_mean_se("accuracy", losses.argmin(axis=1) == labels)}
     encoded = encode_rows(rows, tokenizer, task="causal", max_length=max_length, response_only=response_only)
-    metrics = {"loss": float(per_example_loss(model, encoded, batch_size=batch_size).mean())}
+    metrics = _mean_se("loss", per_example_loss(model, encoded, batch_size=batch_size))
     if primary_metric(task, rows, generate)[0] == "exact_match":
         references = [
             str(chat_messages(r)[-1]["content"]) if is_chat_row(r) else str(r["output"]) for r in rows
@@ -139,5 +142,12 @@ def test_metrics(
             max_new_tokens = min(512, max(len(t) for t in lengths) + 8)
         answers = greedy_answers(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                  max_length=max_length)  # fmt: skip
-        metrics["exact_match"] = float(exact_match(answers, references).mean())
+        metrics.update(_mean_se("exact_match", exact_match(answers, references)))
     return metrics
+
+
+def _mean_se(name: str, values: Any) -> dict[str, float]:
+    """``{name: mean, name_se: standard error of the mean}`` of per-row values (se 0 for one row)."""
+    v = np.asarray(values, dtype=np.float64)
+    se = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+    return {name: float(v.mean()), f"{name}_se": se}

@@ -28,13 +28,15 @@ def _fmt(value: Any) -> str:
 
 
 def _round_table(result: Any) -> Table:
+    select = (result.report or {}).get("select", "test")
     table = Table(
-        title=f"cleaning rounds (test {result.metric}, {'higher' if result.higher_is_better else 'lower'} is better)"
+        title=f"cleaning rounds (test {result.metric}, {'higher' if result.higher_is_better else 'lower'} "
+        f"is better; kept and gain by the {'validation' if select == 'val' else 'test'} {result.metric})"
     )
     columns = ["round", "rows", "changed", "cumulative", result.metric]
     if result.metric != "loss":
         columns.append("loss")
-    columns += ["gain", "kept"]
+    columns += [f"val_{result.metric}", "gain", "kept"]
     for column in columns:
         table.add_column(column, justify="left" if column == "kept" else "right")
     for row in result.table:
@@ -90,6 +92,11 @@ def clean_command(
     rank: int = typer.Option(8, "--rank", help="LoRA rank r."),
     seed: int = typer.Option(0, "--seed", help="Seed of every round's fine-tuning (same base, same seed)."),
     min_gain: float = typer.Option(1e-3, "--min-gain", help="Stop when a round gains less than this."),
+    select: str = typer.Option(
+        "val",
+        "--select",
+        help="Keep rounds (and stop) by the validation metric (val, honest) or the test metric (test, optimistic).",
+    ),
     keep_going: bool = typer.Option(False, "--keep-going", help="Run every round even without gain."),
     generate: bool = typer.Option(
         True, "--generate/--no-generate", help="Exact match by greedy generation for numeric answers."
@@ -147,12 +154,14 @@ def clean_command(
         early_stop=not keep_going,
         generate=generate,
         baselines=baselines,
+        select=select,
     )
     result = run_clean(
         cfg, out, columns=columns, overwrite=overwrite, log=lambda m: console.print(f"[bold]>[/] {m}")
     )
     console.print(_round_table(result))
-    console.print(f"kept round {result.best_round} ({result.stopped})")
+    by = (result.report or {}).get("selected_by", f"test {result.metric}")
+    console.print(f"kept round {result.best_round} by the {by} ({result.stopped})")
     console.print(f"cleaned data: {result.cleaned}")
     console.print(
         f"audit log: {result.audit} (undo: infscope clean {result.cleaned} --undo {result.audit} --out FILE)"

@@ -266,6 +266,9 @@ def _metric_columns(data: Mapping[str, Any]) -> list[str]:
 def render_rounds(data: Mapping[str, Any]) -> str:
     """Round by round: rows trained on, rows changed, the test metric(s), gain, and the kept round."""
     metrics = _metric_columns(data)
+    val_key = f"val_{data['metric']}"
+    has_val = any(row.get(val_key) is not None for row in data["rounds"])
+    by = data.get("selected_by") or f"test {data['metric']}"
     best = int(data["best_round"])
     rows = []
     for row in data["rounds"]:
@@ -277,6 +280,7 @@ def render_rounds(data: Mapping[str, Any]) -> str:
             + _num_cell(row.get("review"), 0)
             + _num_cell(row.get("cumulative"), 0)
             + "".join(_num_cell(row.get(m), 4) for m in metrics)
+            + (_num_cell(row.get(val_key), 4) if has_val else "")
             + _num_cell(row.get("gain"), 4)
             + ('<td><span class="kept-badge">kept</span></td>' if kept else "<td></td>")
         )
@@ -284,8 +288,12 @@ def render_rounds(data: Mapping[str, Any]) -> str:
             f'<tr class="{"kept-row" if kept else "round-row"}" data-round="{int(row["round"])}">{cells}</tr>'
         )
     headers = ["round", "rows", "changed", "review", "changed so far", *(f"test {m}" for m in metrics)]
+    headers += [f"validation {data['metric']}"] if has_val else []
     headers += ["gain", "kept"]
-    note = "Gain: change of the test metric over the round before, signed so that positive is better."
+    note = (
+        f"Gain: change of the {by} over the round before, signed so that positive is better; "
+        f"the kept round is the best by the {by}."
+    )
     return _section("rounds", "Rounds", _table(headers, rows, table_id="rounds-table"), note)
 
 
@@ -365,10 +373,10 @@ def _warnings(data: Mapping[str, Any]) -> list[str]:
         out.append("No cleaning round improved the test metric: the kept data is the input as given.")
     if "oracle" not in data["baselines"]:
         out.append("No noise manifest was found, so there is no oracle baseline.")
-    if len(data["rounds"]) > 1:
+    if len(data["rounds"]) > 1 and data.get("select", "test") == "test":
         out.append(
-            "The kept round was chosen by its test metric, so its number is slightly optimistic; "
-            "the baselines had no such choice."
+            "The kept round was chosen by its test metric (--select test), so its number is slightly "
+            "optimistic; the baselines had no such choice. --select val chooses by the validation rows."
         )
     return out
 
@@ -392,7 +400,8 @@ def render_clean_html(
         f"{escape(str(data.get('action', '')))} · budget {escape(str(data.get('budget', '')))} per round · "
         f"{len(rounds)} rounds trained</p>"
         f'<p class="meta">test metric {escape(metric)}{escape(note)}, '
-        f"{'higher' if higher else 'lower'} is better · kept round {int(data['best_round'])} · "
+        f"{'higher' if higher else 'lower'} is better · kept round {int(data['best_round'])} "
+        f"(chosen by the {escape(str(data.get('selected_by') or 'test ' + metric))}) · "
         f"stopped: {escape(str(data.get('stopped', '')))}</p>"
         f'<p class="meta">cleaned data {escape(str(data.get("cleaned", "")))} · audit log '
         f"{escape(str(data.get('audit', '')))}</p>"
