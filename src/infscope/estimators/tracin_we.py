@@ -16,7 +16,13 @@ module swaps its output for a leaf tensor, one batched backward gives ``dL_i/de_
 row ``i`` and position ``p``, and a scatter-add sums them per token into the universe of tokens
 the queries contain (other tokens meet a zero query gradient and add nothing). Only the input
 embedding counts: with tied weights the output head's share of ``dL/dE`` is left out.
-:func:`token_scores` splits one row's score into its tokens, for the report.
+:func:`token_scores` splits one row's score into its tokens.
+
+For the report, the method saves in its meta ``token_marks``: for the :data:`META_ROWS` most
+harmful rows, the ``top`` tokens that push the row's score up (positive contributions against the
+mean query) and the character spans where they sit in the row's own fields (``instruction``,
+``input``, ``output``, ``text``, ...), found by decoding the encoded ids (:func:`token_field_spans`),
+so the report can mark them in the text it shows without a tokenizer.
 """
 
 from __future__ import annotations
@@ -40,8 +46,12 @@ from infscope.models.loss import model_device
 from infscope.models.pair_losses import length_sorted
 
 Rows = Sequence[Mapping[str, Any]]
-#: How many most harmful rows get their top tokens in the method's meta.
-META_ROWS = 20
+#: How many most harmful rows get their top tokens in the method's meta (the report shows 50 by default).
+META_ROWS = 50
+#: Row fields whose text the tokens are located in, in the order an encoded row holds them.
+TEXT_FIELDS = ("instruction", "input", "output", "text", "text_a", "text_b")
+#: Fewest characters of a truncated field that still count as finding it (shorter matches may be chance).
+MIN_PARTIAL = 8
 
 
 @contextlib.contextmanager
@@ -217,6 +227,120 @@ def token_scores(
     return frame.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
 
 
+def _decoded_length(tokenizer: Any, ids: Sequence[int]) -> int:
+    """Characters in the decoded text of ``ids`` (special tokens and spacing kept as they are)."""
+    if not ids:
+        return 0
+    text = tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return len(text)
+
+
+def _shortest_found(full: str, value: str, cursor: int, *, suffix: bool) -> int:
+    """Length of the longest suffix (or prefix) of ``value`` found in ``full`` from ``cursor`` on.
+
+    A binary search: if a suffix occurs, every shorter suffix does too (likewise for prefixes).
+    """
+    lo, hi = 0, len(value)  # lo: a length known to be found; hi: the longest one to try
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        part = value[len(value) - mid :] if suffix else value[:mid]
+        if full.find(part, cursor) >= 0:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def locate_field(full: str, value: str, cursor: int = 0) -> tuple[int, int, int] | None:
+    """Where a row field's text sits in an encoded row's decoded text: ``(start, end, offset)``.
+
+    ``full[start:end]`` equals ``value[offset:offset + end - start]``. The whole value is looked for
+    first; a value cut by truncation (a prompt loses its beginning, a response its end) is matched
+    by its longest surviving suffix or prefix of at least :data:`MIN_PARTIAL` characters. Search
+    starts at ``cursor``; ``None`` when nothing of the field is left.
+    """
+    whole = full.find(value, cursor)
+    if whole >= 0:
+        return whole, whole + len(value), 0
+    best: tuple[int, int, int] | None = None
+    for suffix in (True, False):
+        size = _shortest_found(full, value, cursor, suffix=suffix)
+        if size < MIN_PARTIAL or (best is not None and size <= best[1] - best[0]):
+            continue
+        part = value[len(value) - size :] if suffix else value[:size]
+        start = full.find(part, cursor)
+        best = (start, start + size, len(value) - size if suffix else 0)
+    return best
+
+
+def token_field_spans(
+    tokenizer: Any, input_ids: Sequence[int], row: Mapping[str, Any], positions: Sequence[int]
+) -> list[tuple[str, int, int] | None]:
+    """Where the tokens at ``positions`` of an encoded row sit in the row's own fields.
+
+    Returns, per position, ``(field, start, end)`` character offsets into ``str(row[field])`` (the
+    token's leading and trailing whitespace left out), or ``None`` for a token in the prompt
+    template, in a special token, or in what truncation cut off. Offsets come from decoding prefixes
+    of ``input_ids`` (a token spans the characters its id adds), and the fields are found in order in
+    the decoded text (:func:`locate_field`), so this needs nothing of the tokenizer beyond ``decode``.
+    """
+    ids = [int(t) for t in input_ids]
+    full = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    bounds: dict[str, tuple[int, int, int]] = {}
+    cursor = 0
+    for name in TEXT_FIELDS:
+        value = row.get(name)
+        if not isinstance(value, str) or not value:
+            continue
+        found = locate_field(full, value, cursor)
+        if found is not None:
+            bounds[name] = found
+            cursor = found[1]
+    out: list[tuple[str, int, int] | None] = []
+    for pos in positions:
+        start, end = _decoded_length(tokenizer, ids[:pos]), _decoded_length(tokenizer, ids[: pos + 1])
+        while start < end and full[start].isspace():
+            start += 1
+        while end > start and full[end - 1].isspace():
+            end -= 1
+        hit = None
+        for name, (lo, hi, shift) in bounds.items():
+            if start < hi and end > lo and end > start:
+                hit = (name, max(start, lo) - lo + shift, min(end, hi) - lo + shift)
+                break
+        out.append(hit)
+    return out
+
+
+def token_marks(
+    tokenizer: Any,
+    rows: Rows,
+    tops: Sequence[Sequence[tuple[int, float]]],
+    encode: Mapping[str, Any],
+) -> list[dict[str, Any]]:
+    """Per row: its tokens with a positive share of the score, and their spans in the row's fields.
+
+    ``tops[i]`` is row ``i``'s ``[(token_id, contribution), ...]`` (most harmful first, as
+    :func:`tracin_we_values` gives). Each entry is ``{"tokens": [[text, score, token_id], ...],
+    "spans": {field: [[start, end, k], ...]}}`` with ``k`` the index into ``tokens``.
+    """
+    if not rows:
+        return []
+    encoded = _encode(rows, tokenizer, encode)
+    out: list[dict[str, Any]] = []
+    for row, seq, top in zip(rows, encoded.input_ids, tops, strict=True):
+        carrying = [(int(t), float(v)) for t, v in top if v > 0]
+        index = {t: k for k, (t, _) in enumerate(carrying)}
+        positions = [p for p, t in enumerate(seq) if int(t) in index]
+        spans: dict[str, list[list[int]]] = {}
+        for pos, hit in zip(positions, token_field_spans(tokenizer, seq, row, positions), strict=True):
+            if hit is not None:
+                spans.setdefault(hit[0], []).append([hit[1], hit[2], index[int(seq[pos])]])
+        tokens = [[tokenizer.decode([t]), round(v, 8), t] for t, v in carrying]
+        out.append({"tokens": tokens, "spans": spans})
+    return out
+
+
 def _compute(inputs: MethodInputs, options: dict[str, Any]) -> Scores:
     """The ``tracin_we`` method at the scored checkpoint, against the run's query rows."""
     check_options("tracin_we", lambda top=5: None, options)
@@ -236,12 +360,15 @@ def _compute(inputs: MethodInputs, options: dict[str, Any]) -> Scores:
     row_scores = values if values.ndim == 1 else values.mean(axis=0)
     hidden = set(getattr(inputs, "canary_ids", ()))  # canaries never appear in any output
     harmful = [i for i in np.argsort(-row_scores, kind="stable") if ids[i] not in hidden][:META_ROWS]
+    rows = inputs.rows()
+    marks = token_marks(loaded.tokenizer, [rows[i] for i in harmful], [tops[i] for i in harmful], encode)
     meta = {
         "family": "forward",
         "aggregate": inputs.aggregate,
         "top_tokens": {
             ids[i]: [[loaded.tokenizer.decode([t]), round(v, 8)] for t, v in tops[i]] for i in harmful
         },
+        "token_marks": {ids[i]: mark for i, mark in zip(harmful, marks, strict=True)},
     }
     return Scores(values, ids, query_ids, "tracin_we", meta)
 

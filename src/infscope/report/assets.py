@@ -29,6 +29,13 @@ table.sortable th[aria-sort="descending"]::after { content: " \\25BC"; font-size
 .cell-text { max-width: 360px; max-height: 9em; overflow: auto; white-space: pre-wrap; word-break: break-word; }
 del { background: #ffd7d5; color: #8a1c1c; text-decoration: line-through; }
 ins { background: #d4f8d4; color: #1b5e20; text-decoration: none; }
+.tok { color: inherit; border-radius: 2px; padding: 0 1px; }
+.tok-1 { background: rgba(230, 120, 0, 0.15); }
+.tok-2 { background: rgba(230, 120, 0, 0.3); }
+.tok-3 { background: rgba(230, 120, 0, 0.45); }
+.tok-4 { background: rgba(230, 120, 0, 0.6); }
+.tok-5 { background: rgba(230, 120, 0, 0.8); }
+ul.tokens { list-style: none; margin: 0; padding: 0; white-space: nowrap; }
 .noisy-badge { color: #b00020; font-weight: 600; }
 .clean-badge { color: #2e7d32; }
 .controls { display: flex; gap: 16px; align-items: center; margin: 8px 0; }

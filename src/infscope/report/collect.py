@@ -15,6 +15,11 @@ any manifest is still reported (distributions, flagged rows, cost), with undefin
 and a warning. Per-family AUROC compares the noisy rows of one family against all clean rows (the
 definition of :func:`infscope.evaluate.detection.group_reports`). ``P@k`` uses ``k`` = number of
 noisy rows.
+
+Methods that split a row's score into tokens (``tracin_we``) save ``token_marks`` in their Scores
+meta: per flagged row, the tokens carrying its score and their character spans in the row's fields.
+:func:`row_token_marks` turns them into display data (an intensity level per token, spans checked
+against the text the report shows), so the page can highlight them without a tokenizer.
 """
 
 from __future__ import annotations
@@ -30,12 +35,13 @@ import pandas as pd
 
 from infscope.data.manifest import NOT_IN_TRAINING, manifest_for_ids, read_manifest
 from infscope.errors import InfscopeError
-from infscope.estimators.scores import Scores
 from infscope.evaluate.detection import detection_report
 from infscope.runs import RunLayout, RunRecord, read_jsonl
 from infscope.scoring.run import OpenedRun, open_run
 
 HIST_BINS = 20
+#: Highlight intensities of a row's tokens: level ``L`` holds shares up to ``L / TOKEN_LEVELS`` of the top one.
+TOKEN_LEVELS = 5
 INSTRUCTION_FIELDS = ("instruction", "input", "output")
 CLASSIFICATION_FIELDS = ("text", "text_b", "label")
 MAKE_RESULTS = "run `infscope demo --out RUN` (or `infscope score RUN`) first"
@@ -128,6 +134,19 @@ def _align(frame: pd.DataFrame, ids: pd.Index, method: str) -> pd.DataFrame:
     return aligned
 
 
+def scores_meta(layout: RunLayout, method: str) -> dict[str, Any]:
+    """The meta of ``scores/<method>.npz`` without reading its values; ``{}`` when missing or unreadable."""
+    path = layout.scores(method)
+    if not path.is_file():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta_json"]))
+    except (OSError, KeyError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def method_seconds(layout: RunLayout, record: RunRecord, method: str) -> dict[str, float | None]:
     """Scoring time and peak memory of one method.
 
@@ -135,14 +154,9 @@ def method_seconds(layout: RunLayout, record: RunRecord, method: str) -> dict[st
     then in the ``score`` stage of ``run.json`` (``info.methods[<method>]``). Missing values are
     ``None``.
     """
-    path = layout.scores(method)
-    if path.is_file():
-        try:
-            meta = Scores.load(path).meta
-        except InfscopeError:
-            meta = {}
-        if meta.get("seconds") is not None:
-            return {"seconds": _finite(meta.get("seconds")), "peak_rss_mb": _finite(meta.get("peak_rss_mb"))}
+    meta = scores_meta(layout, method)
+    if meta.get("seconds") is not None:
+        return {"seconds": _finite(meta.get("seconds")), "peak_rss_mb": _finite(meta.get("peak_rss_mb"))}
     methods = record.stages.get("score", {}).get("info", {}).get("methods", {})
     entry = methods.get(method) if isinstance(methods, dict) else None
     if isinstance(entry, dict):
@@ -210,6 +224,45 @@ def _task_fields(rows: list[dict[str, Any]], task: str) -> tuple[str, ...]:
     return tuple(f for f in CLASSIFICATION_FIELDS if f in keys) or ("text", "label")
 
 
+def row_token_marks(entry: Any, texts: dict[str, str]) -> dict[str, Any]:
+    """Display data for one row's saved ``token_marks`` entry (see :mod:`infscope.estimators.tracin_we`).
+
+    Returns ``{"tokens": [{"token", "score", "level"}, ...], "marks": {field: [[start, end, level], ...]}}``:
+    tokens most harmful first, each with an intensity ``level`` in ``1..TOKEN_LEVELS`` (its score as a
+    share of the row's top token score, rounded up); spans sorted, inside ``texts[field]`` (the text
+    the report shows) and not overlapping. Malformed entries give empty lists.
+    """
+    empty: dict[str, Any] = {"tokens": [], "marks": {}}
+    if not isinstance(entry, dict):
+        return empty
+    tokens = []
+    for item in entry.get("tokens") or []:
+        if isinstance(item, (list, tuple)) and len(item) >= 2 and _finite(item[1]) is not None:
+            tokens.append((_text(item[0]), float(item[1])))
+    top = max((score for _, score in tokens), default=0.0)
+    if top <= 0:
+        return empty
+    levels = [min(TOKEN_LEVELS, max(1, math.ceil(TOKEN_LEVELS * score / top - 1e-9))) for _, score in tokens]
+    marks: dict[str, list[list[int]]] = {}
+    spans = entry.get("spans")
+    for field, found in (spans if isinstance(spans, dict) else {}).items():
+        size = len(texts.get(field, ""))
+        kept: list[list[int]] = []
+        for span in sorted(s for s in found if isinstance(s, (list, tuple)) and len(s) == 3):
+            start, end, k = (int(v) for v in span)
+            if 0 <= start < end <= size and 0 <= k < len(tokens) and (not kept or start >= kept[-1][1]):
+                kept.append([start, end, levels[k]])
+        if kept:
+            marks[field] = kept
+    return {
+        "tokens": [
+            {"token": token, "score": score, "level": level}
+            for (token, score), level in zip(tokens, levels, strict=True)
+        ],
+        "marks": marks,
+    }
+
+
 def flagged_rows(
     aligned: dict[str, pd.DataFrame],
     manifest: pd.DataFrame,
@@ -217,8 +270,14 @@ def flagged_rows(
     clean_rows: dict[str, dict[str, Any]],
     fields: tuple[str, ...],
     top_k: int,
+    token_marks: dict[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """The ``top_k`` highest-ranked rows of every method with their text and injected noise."""
+    """The ``top_k`` highest-ranked rows of every method with their text and injected noise.
+
+    ``token_marks`` maps a method to its saved per-row token marks (``{id: entry}``); rows of that
+    method then carry ``tokens`` and ``marks`` (:func:`row_token_marks`), others empty ones.
+    """
+    token_marks = token_marks or {}
     info = manifest.set_index("id")
     out: list[dict[str, Any]] = []
     for method, frame in aligned.items():
@@ -229,6 +288,8 @@ def flagged_rows(
             noisy = bool(noise["is_noisy"])
             field = _text(noise["field"]) if noisy else ""
             original_row = clean_rows.get(row_id, {})
+            texts = {name: _text(row.get(name)) for name in fields}
+            marked = row_token_marks(token_marks.get(method, {}).get(str(row_id)), texts)
             out.append(
                 {
                     "method": method,
@@ -239,11 +300,12 @@ def flagged_rows(
                     "family": _text(noise["family"]) if noisy else "",
                     "operator": _text(noise["operator"]) if noisy else "",
                     "field": field,
-                    "fields": {name: _text(row.get(name)) for name in fields},
+                    "fields": texts,
                     "noisy_text": _text(noise["noisy"]) if noisy else "",
                     "original_text": (
                         (_text(noise["original"]) or _text(original_row.get(field))) if noisy else ""
                     ),
+                    **marked,
                 }
             )
     return out
@@ -276,7 +338,8 @@ def collect(
     ``family_auroc`` (``methods`` x ``families`` matrix ``values`` plus ``counts`` of noisy rows
     per family), ``distributions`` (``{method: {"edges", "clean", "noisy"}}``), ``stages`` (every
     finished stage of run.json), ``correlation`` (Spearman, ``methods`` x ``methods``), ``flagged``
-    (top ``top_k`` rows per method), ``top_k`` and ``warnings``.
+    (top ``top_k`` rows per method; with ``tokens`` and ``marks`` for methods that saved token
+    marks), ``top_k`` and ``warnings``.
     """
     if top_k < 1:
         raise InfscopeError(f"--top-k must be at least 1 (got {top_k}); pass e.g. --top-k 50")
@@ -332,6 +395,8 @@ def collect(
     clean_rows = {str(r.get("id")): r for r in read_jsonl(layout.train_clean, missing_ok=True)}
     fields = _task_fields(run.train, run.spec.task)
     root = run.path.resolve()
+    marks = {m: scores_meta(layout, m).get("token_marks") for m in methods}
+    marks = {m: v for m, v in marks.items() if isinstance(v, dict) and v}
 
     return {
         "run": {
@@ -373,7 +438,7 @@ def collect(
         },
         "stages": stage_table(run.dir.stages()),
         "correlation": {"methods": methods, "values": spearman_matrix(score_table)},
-        "flagged": flagged_rows(aligned, truth, rows, clean_rows, fields, top_k),
+        "flagged": flagged_rows(aligned, truth, rows, clean_rows, fields, top_k, marks),
         "top_k": int(top_k),
         "warnings": warnings,
     }

@@ -2,7 +2,8 @@
 
 The page has the leaderboard, ROC and detection curves, AUROC per noise family, clean-vs-noisy
 score distributions, time and memory per stage, the Spearman correlation between methods, and the
-top-k flagged rows of each method with a word-level diff of the injected noise. Styles, script and
+top-k flagged rows of each method with a word-level diff of the injected noise and, for token-level
+methods (``tracin_we``), the tokens carrying each row's score marked in its text. Styles, script and
 figures (inline SVG) are all inside the file: it opens offline and can be mailed as one attachment.
 
 Every piece of text that comes from the run (row text, ids, method, family and stage names,
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -154,11 +156,41 @@ def render_correlation(data: dict[str, Any]) -> str:
     )
 
 
-def _text_cell(text: str) -> str:
-    return f'<td><div class="cell-text">{escape(text)}</div></td>'
+def marked_html(text: str, spans: Sequence[Sequence[int]] = ()) -> str:
+    """``text`` HTML-escaped, with each ``[start, end, level]`` span wrapped in ``<mark class="tok tok-LEVEL">``.
+
+    Spans are sorted, inside ``text`` and disjoint (as :func:`infscope.report.collect.row_token_marks`
+    gives them); every piece of text, marked or not, is escaped on its own.
+    """
+    parts, pos = [], 0
+    for start, end, level in spans:
+        parts.append(escape(text[pos:start]))
+        parts.append(f'<mark class="tok tok-{int(level)}">{escape(text[start:end])}</mark>')
+        pos = end
+    parts.append(escape(text[pos:]))
+    return "".join(parts)
 
 
-def _flagged_row(row: dict[str, Any], fields: list[str]) -> str:
+def _text_cell(text: str, spans: Sequence[Sequence[int]] = ()) -> str:
+    return f'<td><div class="cell-text">{marked_html(text, spans)}</div></td>'
+
+
+def _token_label(token: str) -> str:
+    """A token as shown in the list: its text without surrounding blanks, or its repr if only blanks."""
+    return token.strip() or repr(token)
+
+
+def tokens_cell(tokens: list[dict[str, Any]]) -> str:
+    """The tokens carrying a row's score, most harmful first, in their highlight colour with their score."""
+    items = "".join(
+        f'<li><span class="tok tok-{int(t["level"])}">{escape(_token_label(t["token"]))}</span> '
+        f'<span class="meta">{_fmt(t["score"], 4)}</span></li>'
+        for t in tokens
+    )
+    return f'<td><ul class="tokens">{items}</ul></td>' if items else "<td></td>"
+
+
+def _flagged_row(row: dict[str, Any], fields: list[str], with_tokens: bool = False) -> str:
     family = row["family"] if row["is_noisy"] else CLEAN_FAMILY
     if row["is_noisy"]:
         noise = f'<span class="noisy-badge">{escape(row["family"])}</span> / {escape(row["operator"])}'
@@ -173,9 +205,11 @@ def _flagged_row(row: dict[str, Any], fields: list[str]) -> str:
         _num_cell(row["score"], 4),
         f"<td>{escape(row['id'])}</td>",
         f'<td data-sort="{escape(family)}">{noise}</td>',
-        *(_text_cell(row["fields"].get(name, "")) for name in fields),
+        *(_text_cell(row["fields"].get(name, ""), row.get("marks", {}).get(name, ())) for name in fields),
         diff_cell,
     ]
+    if with_tokens:
+        cells.append(tokens_cell(row.get("tokens", [])))
     return (
         f'<tr data-method="{escape(row["method"])}" data-family="{escape(family)}">'
         + "".join(cells)
@@ -203,11 +237,19 @@ def render_flagged(data: dict[str, Any]) -> str:
         '<span id="flagged-count" class="meta"></span></div>'
     )
     headers = ["method", "rank", "score", "id", "noise", *fields, "injected noise (original → noisy)"]
-    rows = [_flagged_row(row, fields) for row in data["flagged"]]
+    with_tokens = any(row.get("tokens") for row in data["flagged"])
+    if with_tokens:
+        headers.append("tokens carrying the score")
+    rows = [_flagged_row(row, fields, with_tokens) for row in data["flagged"]]
     note = (
         f"The {data['top_k']} highest-ranked rows of each method. Filter with the boxes or the URL, "
         "e.g. #method=loss&family=grammar; click a header to sort."
     )
+    if with_tokens:
+        note += (
+            " For methods with token scores (tracin_we), the tokens that raise a row's score are "
+            "highlighted in its text, darker for a larger share of the row's top token."
+        )
     return _section(
         "flagged", "Flagged rows", controls + _table(headers, rows, table_id="flagged-table"), note
     )
