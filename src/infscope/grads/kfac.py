@@ -19,6 +19,11 @@ the model's predictive distribution (seeded), the Fisher / Gauss-Newton matrix o
 eigenvalue correction ``Lambda = E_i[(Q_S^T G_i Q_A)^2]`` needs per-example gradients: for the
 empirical Fisher the estimator takes them from the gradient store; for the true Fisher a second
 pass here takes them with sampled labels (:func:`collect_kfac_factors` with ``eigen_correction``).
+
+When the chosen layers all sit in the top decoder layers (``--lora-layers top:N``), both passes run
+inside :func:`~infscope.models.prefix.frozen_prefix`: the hidden state entering the lowest chosen
+layer is computed once per row and reused, as the per-example gradient pass of a run does. Nothing
+below that layer has a factor or a gradient here, so the factors are the same either way.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from infscope.grads.batching import as_row_source, batch_bounds, iter_ready_batc
 from infscope.grads.hooks import eval_with_grad, iter_gradients, resolve_layers, row_progress
 from infscope.grads.losses import NON_INPUT_KEYS, LossFn, default_loss
 from infscope.models.loss import positions_to_keep
+from infscope.models.prefix import PrefixStates, frozen_prefix, lora_layer_indices
 from infscope.runs import atomic_path
 
 FISHER = ("empirical", "true")
@@ -355,6 +361,35 @@ def _device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+def prefix_depth(names: Sequence[str]) -> int | None:
+    """The decoder layer below which none of the modules ``names`` sits (``None``: some are not in a layer).
+
+    Parsed from module names (``...layers.12.self_attn.q_proj``); with LoRA on the top layers only it
+    is the first tuned layer, whose input :func:`~infscope.models.prefix.frozen_prefix` can cache.
+    """
+    found = [lora_layer_indices([name]) for name in names]
+    if not found or any(not f for f in found):
+        return None
+    return min(f[0] for f in found)
+
+
+@contextlib.contextmanager
+def _prefix_cache(
+    model: nn.Module, names: Sequence[str], prefix: bool | PrefixStates
+) -> Iterator[PrefixStates | None]:
+    """Run the block inside :func:`frozen_prefix` at the chosen layers' depth, when asked and possible."""
+    if prefix is False:
+        yield None
+        return
+    depth = prefix.depth if isinstance(prefix, PrefixStates) else prefix_depth(names)
+    if not depth:
+        yield None
+        return
+    cache = prefix if isinstance(prefix, PrefixStates) else None
+    with frozen_prefix(model, cache, depth=depth) as active:
+        yield active
+
+
 def collect_kfac_factors(
     model: nn.Module,
     data: Any,
@@ -367,6 +402,7 @@ def collect_kfac_factors(
     loss_fn: LossFn | None = None,
     eigen_correction: bool = False,
     progress_label: str | None = None,
+    prefix: bool | PrefixStates = True,
 ) -> KFACFactors:
     """K-FAC factors of ``layers`` (default: every LoRA matrix) over ``data``, one batched pass.
 
@@ -375,6 +411,12 @@ def collect_kfac_factors(
     empirical Fisher (default :func:`~infscope.grads.losses.default_loss`); ``fisher="true"``
     replaces the labels by draws from the model (``seed``). ``eigen_correction=True`` adds a
     second pass of per-example gradients (same labels) for EK-FAC's ``lambdas``.
+
+    ``prefix`` (default on) runs both passes from cached hidden states entering the lowest chosen
+    decoder layer when all layers sit above the bottom one (LoRA on ``top:N``); pass a
+    :class:`~infscope.models.prefix.PrefixStates` to share a cache with other passes, or ``False``
+    to run the whole model. ``meta["prefix"]`` records the cache's depth and how many rows it
+    stored and served (``None`` when the whole model ran).
     """
     if fisher not in FISHER:
         raise InfscopeError(f"unknown fisher {fisher!r}; use 'empirical' (row labels) or 'true' (sampled)")
@@ -385,39 +427,64 @@ def collect_kfac_factors(
     base_loss = loss_fn or default_loss
     row_ids, batches = _batches(data, batch_size, ids)
     n = 0
-    with eval_with_grad(model), hooks, row_progress(progress_label, len(row_ids or []) or None) as bar:
-        loss = sampled_loss(seed) if fisher == "true" else base_loss
-        for _, _, batch in batches:
-            batch = _to_device(batch, device)
-            hooks.set_mask(batch.get("attention_mask"))
-            losses = loss(model, batch)
-            hooks.backward(losses)
-            n += int(losses.shape[0])
-            bar.advance(int(losses.shape[0]))
-    if n == 0:
-        raise InfscopeError("no rows to collect K-FAC factors on; pass at least one encoded training row")
-    missing = [m for m in names if m not in hooks.s_sum]
-    if missing:
-        raise InfscopeError(f"layer {missing[0]!r} got no output gradient; choose layers the loss depends on")
-    factors = {
-        m: LayerFactors(
-            hooks.a_sum[m] / max(hooks.tokens[m], 1),
-            hooks.s_sum[m] / n,
-            hooks.modules[m].bias is not None,
+    with _prefix_cache(model, names, prefix) as cache:
+        disabled_before = cache is not None and cache.disabled
+        with eval_with_grad(model), hooks, row_progress(progress_label, len(row_ids or []) or None) as bar:
+            loss = sampled_loss(seed) if fisher == "true" else base_loss
+            for _, _, batch in batches:
+                batch = _to_device(batch, device)
+                hooks.set_mask(batch.get("attention_mask"))
+                losses = loss(model, batch)
+                hooks.backward(losses)
+                n += int(losses.shape[0])
+                bar.advance(int(losses.shape[0]))
+        if cache is not None and cache.disabled and not disabled_before:
+            # the cache switched itself off in this pass's first batch, which then ran twice through
+            # the hooks: start again with the whole model (``data`` must be re-iterable, as rows are)
+            return collect_kfac_factors(
+                model,
+                data,
+                layers=names,
+                batch_size=batch_size,
+                fisher=fisher,
+                seed=seed,
+                ids=ids,
+                loss_fn=loss_fn,
+                eigen_correction=eigen_correction,
+                progress_label=progress_label,
+                prefix=False,
+            )
+        if n == 0:
+            raise InfscopeError("no rows to collect K-FAC factors on; pass at least one encoded training row")
+        missing = [m for m in names if m not in hooks.s_sum]
+        if missing:
+            raise InfscopeError(
+                f"layer {missing[0]!r} got no output gradient; choose layers the loss depends on"
+            )
+        factors = {
+            m: LayerFactors(
+                hooks.a_sum[m] / max(hooks.tokens[m], 1),
+                hooks.s_sum[m] / n,
+                hooks.modules[m].bias is not None,
+            )
+            for m in names
+        }
+        out = KFACFactors(
+            factors,
+            row_ids if row_ids is not None else [str(i) for i in range(n)],
+            fisher=fisher,
+            seed=int(seed),
+            n_tokens=dict(hooks.tokens),
         )
-        for m in names
-    }
-    out = KFACFactors(
-        factors,
-        row_ids if row_ids is not None else [str(i) for i in range(n)],
-        fisher=fisher,
-        seed=int(seed),
-        n_tokens=dict(hooks.tokens),
-    )
-    if eigen_correction:
-        loss = sampled_loss(seed) if fisher == "true" else base_loss
-        add_eigen_correction(out, model, data, batch_size=batch_size, loss_fn=loss, ids=ids)
+        if eigen_correction:
+            loss = sampled_loss(seed) if fisher == "true" else base_loss
+            add_eigen_correction(out, model, data, batch_size=batch_size, loss_fn=loss, ids=ids)
     out.meta["seconds"] = time.perf_counter() - start_time
+    out.meta["prefix"] = (
+        {"depth": cache.depth, "rows_stored": len(cache), "hits": cache.hits, "misses": cache.misses}
+        if cache is not None
+        else None
+    )
     return out
 
 
