@@ -15,6 +15,10 @@ from infscope.errors import InfscopeError
 
 #: Which checkpoint is scored: lowest validation loss, the last, every one, or each method's best on canaries.
 CHECKPOINT_CHOICES = ("best", "last", "all", "canary")
+#: What ``infscope score --checkpoint`` takes besides ``epoch-N``: the above, and ``inrun`` (or
+#: ``inrun:EPOCH``), the gradients captured during fine-tuning (``infscope finetune --capture``).
+#: The demo does not capture, so it keeps :data:`CHECKPOINT_CHOICES`.
+SCORE_CHECKPOINT_CHOICES = (*CHECKPOINT_CHOICES, "inrun")
 #: The demo's noise: label-preserving grammar and quality noise, semantic noise, and enough
 #: label-changing response swaps (mismatched instruction/response pairs) to measure each family.
 DEMO_NOISE = "grammar=0.3,quality=0.2,response_swap=0.3,semantic=0.2"

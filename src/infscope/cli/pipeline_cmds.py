@@ -20,7 +20,7 @@ from infscope.cli import app, console
 from infscope.cli.options import Device, Dtype, Threads, column_options
 from infscope.data.manifest import read_manifest
 from infscope.errors import InfscopeError
-from infscope.pipeline_config import PipelineConfig
+from infscope.pipeline_config import SCORE_CHECKPOINT_CHOICES, PipelineConfig
 from infscope.runs import RunLayout
 
 #: The demo's option defaults are PipelineConfig's field defaults (read without building a config,
@@ -195,8 +195,11 @@ def score_command(
     checkpoint: str = typer.Option(
         "best",
         "--checkpoint",
-        help="best, last, epoch-N, all (every checkpoint also saved as METHOD@epoch-N, ranked side by side by "
-        "evaluate) or canary (each method at the checkpoint that ranks the run's canaries highest).",
+        help=f"One of {', '.join(SCORE_CHECKPOINT_CHOICES)} or epoch-N. all: every checkpoint also saved as "
+        "METHOD@epoch-N, ranked side by side by evaluate; canary: each method at the checkpoint that ranks "
+        "the run's canaries highest; inrun (or inrun:EPOCH): the gradients captured during fine-tuning "
+        "(`infscope finetune --capture last|every`), no gradient pass, tracin summed over the captured "
+        "epochs; methods that need the model (pmi, xprompt, ...) are refused there.",
     ),
     option: list[str] = typer.Option(
         [],
@@ -208,13 +211,16 @@ def score_command(
         False,
         "--stream",
         help="Score datainf, hessian_free, grad_cos, datainf_cos inside the gradient pass without keeping "
-        "any gradient store (memory bounded by the batch; DataInf takes 3 passes). Also under torchrun.",
+        "any gradient store (memory bounded by the batch; DataInf takes 3 passes). Saves and records the "
+        "same tables as without it (canaries left out, --query and --measurement pairing honoured). Also "
+        "under torchrun.",
     ),
     measurement: str = typer.Option(
         "loss",
         "--measurement",
         help="What the query gradient measures: loss (the validation loss) or pairing (own prompt versus "
-        "another row's: does a training row teach the model to ignore its instructions?).",
+        "another row's: does a training row teach the model to ignore its instructions?). Pairing scores "
+        "are saved as METHOD+pairing, with or without --stream.",
     ),
     data: str | None = typer.Option(
         None, "--data", help="Training rows of external adapters (same forms as finetune's DATA)."
@@ -294,12 +300,17 @@ def score_command(
         from infscope.scoring.distributed import score_run_distributed
 
         streamed = score_run_distributed(
-            run, method, checkpoint=checkpoint, stream=True, batch_size=batch_size
+            opened,
+            method,
+            checkpoint=checkpoint,
+            stream=True,
+            batch_size=batch_size,
+            block_by=block_by,
+            query=query,
+            measurement=measurement,
         )
-        if streamed:  # rank 0 (or the only process) prints
-            for name, s in streamed.items():
-                console.print(f"{name}: most harmful {', '.join(s.harmful(min(top, 5)))}")
-            console.print(f"ranked tables: {run}/results/<method>.parquet and .csv (no gradient store kept)")
+        if streamed:  # rank 0 (or the only process) prints; canaries were dropped before saving
+            _print_score_summary(run, streamed, top, show_blocks)
         return
     scored = score_run(
         opened,
@@ -346,10 +357,10 @@ def _print_score_summary(run: Path, scored: dict, top: int, show_blocks: bool) -
     record = opened.record
     info = record.stages.get("score", {}).get("info", {})
     first = next(iter(scored.values()))
-    store_path = opened.layout.grads(
-        info.get("checkpoint", ""), "train", info.get("block_by", "matrix")
-    )
-    if (store_path / "index.json").is_file():
+    store_path = opened.layout.grads(info.get("checkpoint", ""), "train", info.get("block_by", "matrix"))
+    if info.get("streamed"):
+        console.print("gradients: streamed in the scoring pass (no gradient store kept)")
+    elif (store_path / "index.json").is_file():
         inventory = block_inventory(GradientStore.open(store_path))
         console.print(
             f"gradients: {len(inventory)} blocks, {sum(b.dim for b in inventory):,} parameters ({store_path})"

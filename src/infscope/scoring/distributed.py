@@ -7,7 +7,9 @@ losses and the gradient record are made by all ranks together (each on its own r
 finds them complete and only scores, prints nothing else and saves as in one process. Stream mode
 (``stream=True``): the aggregate methods (datainf, hessian_free, grad_cos, datainf_cos) are computed
 inside the gradient pass without stores (:func:`~infscope.grads.sharded.stream_scores_sharded`) and
-rank 0 saves them. The other ranks only compute. Outside torchrun both run as one process.
+rank 0 saves them (:func:`score_streamed`: canaries dropped after their AUROC is kept, the
+``score`` and ``gradients:<tag>`` stages recorded, as the stored path does). The other ranks only
+compute. Outside torchrun both run as one process.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import torch
 from infscope.errors import InfscopeError
 from infscope.estimators.scores import Scores
 from infscope.grads.distributed import barrier, gather_rows, init_from_env, is_main, rank, world_size
-from infscope.grads.hooks import compute_gradients
 from infscope.grads.sharded import collect_to_store_sharded, rank_rows, shard_rows_for, stream_scores_sharded
 from infscope.grads.streaming import check_methods
 from infscope.models.lora import load_adapter
@@ -27,9 +28,17 @@ from infscope.models.loss import per_example_loss
 from infscope.models.prefix import PrefixStates, adapter_first_layer, frozen_prefix
 from infscope.models.registry import load_spec
 from infscope.runs import ModelSpec, RunLayout, atomic_path, atomic_write_json
-from infscope.scoring import gradient_stage_name, score_run
-from infscope.scoring.gradients import encode_for
-from infscope.scoring.run import open_run
+from infscope.scoring import (
+    canary_aurocs,
+    finish_scores,
+    gradient_stage_name,
+    query_inputs,
+    record_score_stage,
+    score_run,
+)
+from infscope.scoring.gradients import encode_for, mean_query_gradient
+from infscope.scoring.inputs import MEASUREMENTS
+from infscope.scoring.run import OpenedRun, is_inrun_rule, open_run
 
 
 def collect_gradients_sharded(
@@ -96,42 +105,129 @@ def collect_gradients_sharded(
 
 
 def streamed_scores(
-    run_dir: object, methods: list[str], *, checkpoint: str = "best", batch_size: int | None = None
+    run_dir: object,
+    methods: list[str],
+    *,
+    checkpoint: str = "best",
+    batch_size: int | None = None,
+    query: str | None = None,
+    block_by: str = "matrix",
+    measurement: str = "loss",
 ) -> dict[str, Scores]:
-    """Aggregate scores of every training row streamed in the gradient pass, split over the ranks.
+    """Aggregate scores of every training row (canaries included) streamed in the gradient pass.
 
-    The query vector (mean validation gradient at the checkpoint) is computed on every rank, so all
-    ranks hold the same one without communication. Returns ``{method: Scores}`` on every rank.
+    The query vector (the mean query gradient at the checkpoint, of the loss or of the pairing gap:
+    :func:`~infscope.scoring.gradients.mean_query_gradient`) is computed on every rank, so all ranks
+    hold the same one without communication. Returns ``{method: Scores}`` on every rank; nothing is saved.
     """
-    run = open_run(run_dir)
+    run = run_dir if isinstance(run_dir, OpenedRun) else open_run(run_dir)
     ckpt = run.checkpoint(checkpoint)
+    query_rows, query_name = query_inputs(run, query)
     spec = run.spec
     size = int(batch_size or spec.batch_size)
     loaded = load_spec(spec)
     loaded.model.requires_grad_(False)
     enc_train = encode_for(spec, run.train, loaded.tokenizer)
-    enc_query = encode_for(spec, run.val, loaded.tokenizer)
     model = load_adapter(loaded, ckpt.path)
     depth = adapter_first_layer(ckpt.path)
     with frozen_prefix(model, PrefixStates(depth) if depth else None):
-        query = compute_gradients(model, enc_query, batch_size=size, progress=False, dtype=torch.float64)
-        v = {name: query.load_block(name, torch.float64).mean(dim=0) for name in query.block_names}
-        streamed = stream_scores_sharded(model, enc_train, v, batch_size=size, methods=methods)
+        v = mean_query_gradient(
+            model,
+            spec,
+            loaded.tokenizer,
+            query_rows,
+            measurement=measurement,
+            seed=spec.seed,
+            batch_size=size,
+            block_by=block_by,
+        )
+        streamed = stream_scores_sharded(
+            model, enc_train, v, batch_size=size, methods=methods, block_by=block_by
+        )
     return {
         m: Scores(
             streamed[m],
             streamed.ids,
-            query_ids=list(enc_query.ids),
+            query_ids=[str(r["id"]) for r in query_rows],
             method=m,
             meta={
                 "checkpoint": ckpt.path,
                 "streamed": True,
+                "passes": streamed.passes,
                 "processes": world_size(),
                 "damping": streamed.damping,
             },
         )
         for m in methods
     }
+
+
+def score_streamed(
+    run_dir: object,
+    methods: list[str],
+    *,
+    checkpoint: str = "best",
+    batch_size: int | None = None,
+    query: str | None = None,
+    block_by: str = "matrix",
+    measurement: str = "loss",
+) -> dict[str, Scores] | None:
+    """Streamed scores saved and recorded as :func:`~infscope.scoring.score_run` saves stored ones.
+
+    Every rank computes; rank 0 records the gradient pass (stage ``gradients:<tag>``, with
+    ``streamed`` in its info) inside stage ``score``, keeps each method's canary AUROC in its meta,
+    drops the canaries, saves ``<method>`` (``<method>+pairing`` for the pairing measurement) and
+    returns the saved scores. Each method's seconds and peak memory are those of the shared pass.
+    """
+    names = list(check_methods(methods))
+    run = run_dir if isinstance(run_dir, OpenedRun) else open_run(run_dir)
+    if is_inrun_rule(checkpoint):
+        raise InfscopeError(
+            "in-run stores already hold the gradients; drop --stream to score --checkpoint inrun"
+        )
+    if measurement not in MEASUREMENTS:
+        raise InfscopeError(f"unknown measurement {measurement!r}; use {' or '.join(MEASUREMENTS)}")
+    if measurement == "pairing" and run.spec.task != "instruction":
+        raise InfscopeError("the pairing measurement needs instruction data; use --measurement loss")
+    ckpt = run.checkpoint(checkpoint)
+    options = dict(
+        checkpoint=checkpoint, batch_size=batch_size, query=query, block_by=block_by, measurement=measurement
+    )
+    if not is_main():
+        streamed_scores(run, names, **options)
+        barrier()
+        return None
+    with run.dir.stage("score") as rec:
+        with run.dir.stage(gradient_stage_name(ckpt, block_by)) as grads:
+            scored = streamed_scores(run, names, **options)
+            grads.info.update(checkpoint=ckpt.path, block_by=block_by, streamed=True, processes=world_size())
+        query_name = query_inputs(run, query)[1]
+        for s in scored.values():
+            s.meta.update(
+                seconds=round(grads.seconds, 4),
+                peak_rss_mb=round(grads.peak_rss_mb, 1),
+                query=query_name,
+                block_by=block_by,
+            )
+        if run.canary_ids:
+            canary_aurocs(list(scored.values()), run.canary_ids)
+        scored = finish_scores(run, scored, names, measurement)
+        record_score_stage(
+            rec,
+            run,
+            scored,
+            checkpoint=ckpt.path,
+            checkpoint_tag=ckpt.tag,
+            checkpoint_rule=checkpoint,
+            query=query_name,
+            block_by=block_by,
+            grad_dtype="float64 (streamed)",
+            measurement=measurement,
+            streamed=True,
+            processes=world_size(),
+        )
+    barrier()
+    return scored
 
 
 def score_run_distributed(
@@ -143,49 +239,64 @@ def score_run_distributed(
     batch_size: int | None = None,
     block_by: str = "matrix",
     grad_dtype: str = "float32",
+    query: str | None = None,
+    measurement: str = "loss",
 ) -> dict[str, Scores] | None:
     """Score ``run_dir`` with ``methods`` using every process of the torchrun; rank 0 saves and returns.
 
     Joins the process group from the environment (a no-op outside torchrun). Other ranks return
     ``None``. ``checkpoint`` is one checkpoint (best, last, epoch-N); ``all``/``canary`` sweeps run
-    with one process.
+    with one process. ``stream=True`` scores through :func:`score_streamed` (no gradient store);
+    ``query`` and ``measurement`` are those of :func:`~infscope.scoring.score_run`.
     """
     init_from_env()
     names = [m.strip() for m in methods.split(",") if m.strip()]
     if checkpoint in ("all", "canary"):
         raise InfscopeError("distributed scoring takes one checkpoint; use best, last or epoch-N")
     if stream:
-        check_methods(names)
-        scored = streamed_scores(run_dir, names, checkpoint=checkpoint, batch_size=batch_size)
-        if is_main():
-            from infscope.estimators.fusion import drop_canaries
-            from infscope.scoring.tables import save_scores
-
-            opened = open_run(run_dir)
-            if opened.canary_ids:  # canaries are scored with the rows but never saved or returned
-                scored = {name: drop_canaries(s, opened.canary_ids) for name, s in scored.items()}
-            save_scores(opened.layout, scored)
-        barrier()
-        return scored if is_main() else None
+        return score_streamed(
+            run_dir,
+            names,
+            checkpoint=checkpoint,
+            batch_size=batch_size,
+            query=query,
+            block_by=block_by,
+            measurement=measurement,
+        )
     run = open_run(run_dir)
     if batch_size:
         run.spec.batch_size = int(batch_size)
+    options = dict(grad_dtype=grad_dtype, batch_size=batch_size, block_by=block_by, query=query)
+    if is_inrun_rule(checkpoint):  # the gradients were captured in fine-tuning: nothing to collect
+        return (
+            score_run(run, names, checkpoint=checkpoint, measurement=measurement, **options)
+            if is_main()
+            else None
+        )
     ckpt = run.checkpoint(checkpoint)
     stage = gradient_stage_name(ckpt, block_by)
+    query_rows, query_name = query_inputs(run, query)
     if is_main():
         with run.dir.stage(stage) as rec:
-            _collect(run, ckpt.path, block_by, grad_dtype)
+            _collect(run, ckpt.path, block_by, grad_dtype, query_rows, query_name)
             rec.info.update(checkpoint=ckpt.path, block_by=block_by, processes=world_size())
     else:
-        _collect(run, ckpt.path, block_by, grad_dtype)
+        _collect(run, ckpt.path, block_by, grad_dtype, query_rows, query_name)
     if not is_main():
         return None
-    return score_run(
-        run, names, checkpoint=checkpoint, grad_dtype=grad_dtype, batch_size=batch_size, block_by=block_by
-    )
+    return score_run(run, names, checkpoint=checkpoint, measurement=measurement, **options)
 
 
-def _collect(run, checkpoint: str, block_by: str, grad_dtype: str) -> None:
+def _collect(
+    run, checkpoint: str, block_by: str, grad_dtype: str, query: list[dict], query_name: str
+) -> None:
     collect_gradients_sharded(
-        run.spec, run.layout, checkpoint, run.train, run.val, grad_dtype=grad_dtype, block_by=block_by
+        run.spec,
+        run.layout,
+        checkpoint,
+        run.train,
+        query,
+        grad_dtype=grad_dtype,
+        query_name=query_name,
+        block_by=block_by,
     )

@@ -2,20 +2,24 @@
 
 Everything lands where :class:`~infscope.runs.RunLayout` says: ``scoring/<checkpoint>[-<block_by>]/``
 holds ``grads/train``, ``grads/<query>``, ``losses.parquet`` and ``gradients.json``. Stores resume
-shard by shard; a store made with other blocks or another dtype is collected again.
+shard by shard; a store made with other blocks or another dtype is collected again. The stores that
+fine-tuning captured (``scoring/inrun-epoch-N``, :mod:`infscope.grads.inrun`) are read as they are.
 """
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from infscope.data.formatting import prompt_response_view, with_response
 from infscope.errors import InfscopeError
+from infscope.grads.hooks import compute_gradients
 from infscope.grads.store import INDEX_FILE, GradientStore, collect_to_store, dtype_name
 from infscope.models.encode import encode_rows
 from infscope.models.lora import load_adapter
@@ -111,7 +115,12 @@ def checkpoint_gradients(
     grad_dtype: str = "float32",
     block_by: str = "matrix",
 ) -> tuple[GradientStore, GradientStore, pd.DataFrame]:
-    """Train and query gradient stores and per-row losses at ``checkpoint``, collected unless complete."""
+    """Train and query gradient stores and per-row losses at ``checkpoint``, collected unless complete.
+
+    An in-run checkpoint (``RunLayout.inrun(epoch)``) is never collected: its captured stores are returned.
+    """
+    if is_inrun_path(checkpoint):
+        return inrun_gradients(checkpoint, query_name=query_name, block_by=block_by)
     train_store = layout.grads(checkpoint, "train", block_by)
     query_store = layout.grads(checkpoint, query_name, block_by)
     if any(_store_differs(s, block_by, grad_dtype) for s in (train_store, query_store)):
@@ -205,3 +214,85 @@ def shuffled_prompts(rows: Sequence[dict], seed: int) -> list[dict]:
         moved["id"] = row["id"]
         out.append(moved)
     return out
+
+
+#: Folder-name prefix of the stores captured during fine-tuning (``RunLayout.inrun``).
+INRUN_PREFIX = "inrun-epoch-"
+
+
+def is_inrun_path(checkpoint: str | Path) -> bool:
+    """Whether ``checkpoint`` is a folder of gradients captured during fine-tuning, not an adapter."""
+    return Path(checkpoint).name.startswith(INRUN_PREFIX)
+
+
+def inrun_gradients(
+    folder: str | Path, *, query_name: str = "val", block_by: str = "matrix"
+) -> tuple[GradientStore, GradientStore, pd.DataFrame]:
+    """The captured train and validation stores of one epoch and the training losses they recorded.
+
+    The losses are each row's loss at the step it was trained in (train mode); there is no
+    base-model loss. The query is the validation rows, whose gradients were taken before the epoch.
+    """
+    grads = Path(folder) / "grads"
+    if query_name != "val":
+        raise InfscopeError(
+            "in-run stores hold the validation rows' gradients only; drop --query or score --checkpoint best"
+        )
+    train, val = grads / "train", grads / "val"
+    if not _complete(train):
+        raise InfscopeError(
+            f"{train} is not a complete in-run store; fine-tune again with `infscope finetune --capture last`"
+        )
+    if not _complete(val):
+        raise InfscopeError(
+            f"{folder} has no captured validation gradients; fine-tune with validation rows and --capture last"
+        )
+    train_store, val_store = GradientStore.open(train), GradientStore.open(val)
+    captured_by = train_store.meta.get("block_by", "matrix")
+    if captured_by != block_by:
+        raise InfscopeError(
+            f"the in-run gradients were captured with blocks by {captured_by}; pass --block-by {captured_by}"
+        )
+    losses = train_store.losses()
+    if losses is None:
+        raise InfscopeError(f"{train} has no losses; fine-tune again with `infscope finetune --capture last`")
+    frame = pd.DataFrame({"id": train_store.ids, "loss": np.asarray(losses, dtype=np.float64)})
+    return train_store, val_store, frame
+
+
+def mean_query_gradient(
+    model: Any,
+    spec: ModelSpec,
+    tokenizer: Any,
+    rows: Sequence[dict],
+    *,
+    measurement: str = "loss",
+    seed: int = 0,
+    batch_size: int = 8,
+    block_by: str = "matrix",
+) -> dict[str, torch.Tensor]:
+    """The mean query gradient per block in float64, of the loss or of the pairing gap.
+
+    ``measurement="pairing"`` subtracts the mean gradient of the same responses under other rows'
+    prompts (:func:`shuffled_prompts` with ``seed``), as the stored path's ``+pairing`` query does;
+    the mean of differences is the difference of means. The model must already be the checkpoint's.
+    """
+    if not rows:
+        raise InfscopeError("the query set is empty; pass --query with at least one row")
+
+    def mean(part: Sequence[dict]) -> dict[str, torch.Tensor]:
+        grads = compute_gradients(
+            model,
+            encode_for(spec, part, tokenizer),
+            batch_size=batch_size,
+            block_by=block_by,
+            progress=False,
+            dtype=torch.float64,
+        )
+        return {name: grads.load_block(name, torch.float64).mean(dim=0) for name in grads.block_names}
+
+    v = mean(rows)
+    if measurement == "pairing":
+        other = mean(shuffled_prompts(rows, seed))
+        v = {name: v[name] - other[name] for name in v}
+    return v

@@ -9,13 +9,14 @@ and split their source) and adapters trained elsewhere (:mod:`infscope.models.ex
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from infscope.data.loading import load_rows
 from infscope.data.splits import split_validation
 from infscope.errors import InfscopeError
+from infscope.grads.store import INDEX_FILE, GradientStore
 from infscope.runs import ModelSpec, RunDir, RunLayout, RunRecord, file_fingerprint, read_jsonl
 
 
@@ -72,7 +73,13 @@ class OpenedRun:
         return self.dir.record
 
     def checkpoint(self, which: str) -> Checkpoint:
-        """``best`` (lowest validation loss), ``last``, ``epoch-N``, ``N`` or a checkpoint folder name."""
+        """``best`` (lowest validation loss), ``last``, ``epoch-N``, ``N`` or a checkpoint folder name.
+
+        ``inrun`` is the last epoch whose gradients fine-tuning captured (``finetune --capture``),
+        ``inrun:N`` epoch ``N``'s: see :meth:`inrun_checkpoints`.
+        """
+        if is_inrun_rule(which):
+            return self._inrun_choice(which)
         if which == "best":
             return self.best
         if which == "last":
@@ -84,6 +91,70 @@ class OpenedRun:
         raise InfscopeError(
             f"no checkpoint {which!r} in {self.path}; choose best, last, all or one of {names}"
         )
+
+    def inrun_checkpoints(self) -> list[Checkpoint]:
+        """The epochs whose gradients fine-tuning captured, as checkpoints (path: ``RunLayout.inrun(epoch)``).
+
+        Each one's ``lr`` is the mean learning rate of that epoch's steps (the rows' gradients were
+        taken at those steps), read from the saved checkpoint of the same epoch; ``None`` if absent.
+        """
+        lrs = {c.epoch: c.lr for c in self.checkpoints if c.epoch is not None}
+        out = []
+        for epoch in inrun_epochs(self.layout):
+            meta = GradientStore.open(self.layout.inrun(epoch) / "grads" / "train").meta
+            step = meta.get("step")
+            out.append(
+                Checkpoint(
+                    str(self.layout.inrun(epoch)), epoch, None if step is None else int(step), lrs.get(epoch)
+                )
+            )
+        return out
+
+    def inrun_view(self, which: str) -> OpenedRun:
+        """This run with the captured epochs as its checkpoints and ``which`` (``inrun[:N]``) as the best.
+
+        Methods summing over checkpoints (TracIn) then sum over the captured epochs.
+        """
+        chosen = self._inrun_choice(which)
+        return replace(self, checkpoints=self.inrun_checkpoints(), best=chosen)
+
+    def _inrun_choice(self, which: str) -> Checkpoint:
+        captured = self.inrun_checkpoints()
+        if not captured:
+            raise InfscopeError(
+                f"{self.path} has no in-run gradient stores; fine-tune with `infscope finetune --capture last` "
+                "(or every), or score with --checkpoint best"
+            )
+        _, _, epoch = which.partition(":")
+        if not epoch:
+            return captured[-1]
+        found = [c for c in captured if str(c.epoch) == epoch.strip().removeprefix("epoch-")]
+        if not found:
+            epochs = ", ".join(f"inrun:{c.epoch}" for c in captured)
+            raise InfscopeError(
+                f"no in-run gradients of epoch {epoch!r} in {self.path}; choose inrun or {epochs}"
+            )
+        return found[0]
+
+
+#: ``--checkpoint`` rule of the gradients captured during fine-tuning (``inrun`` or ``inrun:EPOCH``).
+INRUN = "inrun"
+
+
+def is_inrun_rule(which: str) -> bool:
+    """Whether ``which`` asks for captured in-run gradients (``inrun`` or ``inrun:N``)."""
+    return which == INRUN or which.startswith(INRUN + ":")
+
+
+def inrun_epochs(layout: RunLayout) -> list[int]:
+    """Epochs with a complete captured training store (``RunLayout.inrun(epoch)/grads/train``), ascending."""
+    epochs = []
+    for folder in (layout.root / "scoring").glob("inrun-epoch-*"):
+        suffix = folder.name.removeprefix("inrun-epoch-")
+        store = folder / "grads" / "train"
+        if suffix.isdigit() and (store / INDEX_FILE).is_file() and GradientStore.open(store).is_complete:
+            epochs.append(int(suffix))
+    return sorted(epochs)
 
 
 def open_run(path: str | os.PathLike) -> OpenedRun:
