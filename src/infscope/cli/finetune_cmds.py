@@ -3,10 +3,15 @@
 A thin layer over :func:`infscope.models.finetune.finetune`: it loads rows, splits off a seeded
 validation set if none is given, and prints the checkpoints with their losses (best marked).
 Checkpoints go to ``RUN/finetune/checkpoints/epoch-N``; rerunning the same command resumes.
+
+``torchrun --nproc-per-node N -m infscope.cli finetune ...`` trains data-parallel
+(:mod:`infscope.models.ddp`): rank 0 alone reads the data, sets up the run directory and prints;
+every rank gets its rows from rank 0 and trains its share of each global batch.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +21,9 @@ from rich.table import Table
 from infscope.cli import app, console
 from infscope.cli.options import Device, Dtype, Threads, column_options
 from infscope.data.training import find_manifest, load_training_data
+from infscope.models import ddp
 from infscope.models.config import FinetuneConfig, LoraSpec
-from infscope.runs import ModelSpec, RunDir, RunRecord
+from infscope.runs import ModelSpec, RunDir, RunLayout, RunRecord
 
 FT = FinetuneConfig()
 LORA = LoraSpec()
@@ -140,80 +146,97 @@ def finetune_command(
         lora=LoraSpec(r=rank, alpha=alpha, target_modules=targets, layers=lora_layers),
         capture=capture,
     )
-    split = load_training_data(data, val, val_fraction, seed, columns)
-    spec = ModelSpec(
-        name=model,
-        task=split.task,
-        label_names=split.label_names,
-        max_length=max_length,
-        batch_size=batch_size,
-        seed=seed,
-        device=device,
-        dtype=dtype,
-        response_only=not full_text,
-    )
-    if canaries:  # checked before the run directory is made: a bad canary setting writes nothing
-        canary_count(canaries, len(split.train))
-        resolve_canary_noise(canary_noise or default_canary_noise(split.task), split.train, split.task)
-    manifest_path = find_manifest(data, manifest)
-    record = RunRecord(
-        kind="finetune",
-        model=spec,
-        data=split.source,
-        finetune=config.to_dict(),
-        manifest=str(manifest_path) if manifest_path else None,
-        args={
-            "command": "finetune",
-            "data": split.source.train,
-            "data_fingerprint": split.source.fingerprint,
-            "val": split.source.val,
-            "val_fraction": split.source.val_fraction,
-            "columns": split.source.columns or None,
-            "model": model,
-            "config": config.to_dict(),
-            "canaries": canaries or None,
-            "canary_noise": (canary_noise or default_canary_noise(split.task)) if canaries else None,
-        },
-    )
-    run = RunDir.create(out, record, overwrite=overwrite)
-    if not run.done("data"):
-        with run.stage("data") as rec:
-            write_rows(split.train, run.layout.train)
-            write_rows(split.val, run.layout.val)
-            rec.info.update(train_rows=len(split.train), val_rows=len(split.val), task=split.task)
-    train_rows = split.train
-    if canaries:
-        train_rows = add_canaries(
-            run,
-            split.train,
-            fraction=canaries,
-            noise=record.args["canary_noise"],
-            seed=seed,
+    ddp.refuse_capture(capture)
+    ddp.init_from_env(device)  # under torchrun: join the group before rank 0 writes anything
+    runs: list[RunDir] = []  # rank 0's run directory
+
+    def prepare() -> tuple[ModelSpec, list[dict], list[dict], int]:
+        """Read the data and set up the run directory (rank 0 only under torchrun)."""
+        split = load_training_data(data, val, val_fraction, seed, columns)
+        spec = ModelSpec(
+            name=model,
             task=split.task,
             label_names=split.label_names,
+            max_length=max_length,
+            batch_size=batch_size,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+            response_only=not full_text,
         )
-        run.save()
+        if canaries:  # checked before the run directory is made: a bad canary setting writes nothing
+            canary_count(canaries, len(split.train))
+            resolve_canary_noise(canary_noise or default_canary_noise(split.task), split.train, split.task)
+        manifest_path = find_manifest(data, manifest)
+        record = RunRecord(
+            kind="finetune",
+            model=spec,
+            data=split.source,
+            finetune=config.to_dict(),
+            manifest=str(manifest_path) if manifest_path else None,
+            args={
+                "command": "finetune",
+                "data": split.source.train,
+                "data_fingerprint": split.source.fingerprint,
+                "val": split.source.val,
+                "val_fraction": split.source.val_fraction,
+                "columns": split.source.columns or None,
+                "model": model,
+                "config": config.to_dict(),
+                "canaries": canaries or None,
+                "canary_noise": (canary_noise or default_canary_noise(split.task)) if canaries else None,
+            },
+        )
+        run = RunDir.create(out, record, overwrite=overwrite)
+        if not run.done("data"):
+            with run.stage("data") as rec:
+                write_rows(split.train, run.layout.train)
+                write_rows(split.val, run.layout.val)
+                rec.info.update(train_rows=len(split.train), val_rows=len(split.val), task=split.task)
+        train_rows = split.train
+        if canaries:
+            train_rows = add_canaries(
+                run,
+                split.train,
+                fraction=canaries,
+                noise=record.args["canary_noise"],
+                seed=seed,
+                task=split.task,
+                label_names=split.label_names,
+            )
+            run.save()
+        runs.append(run)
+        return spec, list(train_rows), list(split.val), len(train_rows) - len(split.train)
+
+    spec, train_rows, val_rows, n_canaries = ddp.run_on_main(prepare)
+    run = runs[0] if runs else None
     loaded = load_spec(spec)
-    with run.stage("finetune") as rec:
-        console.print(
-            f"fine-tuning {model} on {len(train_rows)} rows ({len(split.val)} validation"
-            + (f", {len(train_rows) - len(split.train)} canaries" if canaries else "")
-            + "), "
-            f"{epochs} epochs, LoRA r={rank}"
-        )
+    with run.stage("finetune") if run is not None else nullcontext() as rec:
+        if run is not None:
+            console.print(
+                f"fine-tuning {model} on {len(train_rows)} rows ({len(val_rows)} validation"
+                + (f", {n_canaries} canaries" if canaries else "")
+                + "), "
+                f"{epochs} epochs, LoRA r={rank}"
+                + (f", {ddp.world_size()} processes" if ddp.is_distributed() else "")
+            )
         labels = spec.label_names if spec.task == "classification" else None
+        layout = RunLayout(out)
         result = finetune_with_capture(
             loaded,
             train_rows,
-            split.val,
+            val_rows,
             config,
-            run.layout.finetune,
+            layout.finetune,
             label_names=labels,
-            store_dir=run.layout.inrun,
+            store_dir=layout.inrun,
         )
-        rec.info.update(
-            best=result.best.path, epochs=len(result.checkpoints), resumed_from=result.resumed_from
-        )
+        if rec is not None:
+            rec.info.update(
+                best=result.best.path, epochs=len(result.checkpoints), resumed_from=result.resumed_from
+            )
+    if run is None:  # the other ranks of a torchrun launch print nothing
+        return
     if result.resumed_from:
         console.print(f"resumed after epoch {result.resumed_from}")
     console.print(_checkpoint_table(result))

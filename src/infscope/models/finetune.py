@@ -23,6 +23,14 @@ the rows, their losses and ``dLoss/dl_i``, the factor each row's loss enters the
 It only reads, so the trained weights are the same with or without it. In-run gradient capture
 (``config.capture``, :mod:`infscope.grads.inrun`) is such an observer; this layer cannot import it,
 so callers pass it in.
+
+Under ``torchrun --nproc-per-node N`` (``WORLD_SIZE`` > 1) every process joins the process group,
+the model trains inside DistributedDataParallel and each seeded global batch is split across the
+ranks with loss factors that make the averaged gradient the one-process gradient
+(:func:`infscope.models.ddp.shard_batch`), so the trained adapter is the one-process adapter up to
+the order of summation. Rank 0 alone computes validation losses and writes checkpoints, dynamics
+(gathered from every rank) and the summary; the others wait at a barrier and read the summary.
+In-run capture is refused there (run it in one process).
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ import pandas as pd
 import torch
 
 from infscope.errors import InfscopeError
+from infscope.models import ddp
 from infscope.models.config import FinetuneConfig
 from infscope.models.encode import IGNORE_INDEX, Encoded, batch_order, collate, encode_rows
 from infscope.models.lora import attach_lora, trainable_parameters
@@ -423,6 +432,7 @@ class _Trainer:
         observer: StepObserver | None = None,
     ) -> None:
         self.model, self.config, self.train, self.val, self.device = model, config, train, val, device
+        self.forward_model = model  # the DDP wrapper under torchrun (see :meth:`distribute`)
         self.weights = weights
         self.observer = observer
         self.params = list(trainable_parameters(model).values())
@@ -446,13 +456,19 @@ class _Trainer:
         self.step = step
         self.scheduler = self._scheduler(last_step=step - 1)
 
+    def distribute(self) -> None:
+        """Train through DistributedDataParallel from now on (after any checkpoint was restored)."""
+        self.forward_model = ddp.wrap(self.model, self.device)
+
     def run_epoch(
         self, epoch: int, history: list[dict[str, Any]], on_rows: Callable[[int], None] | None = None
     ) -> tuple[float, pd.DataFrame | None]:
         """Train one epoch (batch order and dropout seeded by ``(seed, epoch)``).
 
         Returns the epoch's mean loss and, with ``record_dynamics``, its :func:`dynamics_frame`.
-        ``on_rows(n)`` is called after each batch of ``n`` rows.
+        ``on_rows(n)`` is called after each batch of ``n`` rows. Under torchrun each rank runs its
+        :func:`~infscope.models.ddp.shard_batch` of every global batch; the mean loss is summed over
+        the ranks and the dynamics gathered, returned on rank 0 only (``None`` elsewhere).
         """
         config, train = self.config, self.train
         epoch_seed = config.seed * 100_003 + epoch
@@ -461,17 +477,23 @@ class _Trainer:
         loss_sum, seen = 0.0, 0
         parts: list[tuple[np.ndarray, int, dict[str, Any]]] = []
         observer = self.observer if self.observer is not None and self.observer.wants(epoch) else None
+        world, me = ddp.world_size(), ddp.rank()
         for rows in batch_order(len(train), config.batch_size, shuffle=True, seed=epoch_seed):
-            batch = collate(train, rows)
             row_w = None if self.weights is None else self.weights[torch.as_tensor(rows)]
+            shard = ddp.shard_batch(rows, row_w, me, world) if world > 1 else None
+            local = rows if shard is None else shard.rows
+            batch = collate(train, local)
             with observer.batch(batch) if observer is not None else nullcontext():
-                logits, labels, losses = forward_logits_losses(self.model, batch, self.device)
+                logits, labels, losses = forward_logits_losses(self.forward_model, batch, self.device)
                 if not torch.isfinite(losses).all():
-                    check_finite(losses.detach().double().cpu().numpy(), [train.ids[i] for i in rows])
-                if config.record_dynamics:
-                    parts.append((rows, self.step, row_dynamics(logits, labels, losses)))
+                    check_finite(losses.detach().double().cpu().numpy(), [train.ids[i] for i in local])
+                if config.record_dynamics and (shard is None or not shard.dummy):
+                    parts.append((local, self.step, row_dynamics(logits, labels, losses)))
                 del logits, labels  # free the logits before backward, as without recording
-                loss = batch_loss(losses, row_w)
+                if shard is None:
+                    loss = batch_loss(losses, row_w)
+                else:  # this rank's share, scaled so that DDP's average is the global batch's gradient
+                    loss = (losses * shard.factors.to(device=losses.device, dtype=losses.dtype)).sum()
                 loss.backward()
             if observer is not None:
                 observer.after_backward(rows, losses.detach(), loss_scale(len(rows), row_w))
@@ -481,7 +503,7 @@ class _Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            loss_sum += float(loss.detach()) * len(rows)
+            loss_sum += float(loss.detach()) / world * len(rows)  # summed over the ranks below
             seen += len(rows)
             if on_rows is not None:
                 on_rows(len(rows))
@@ -489,6 +511,7 @@ class _Trainer:
                 isinstance(config.eval_every, int)
                 and self.val is not None
                 and self.step % config.eval_every == 0
+                and ddp.is_main()
             ):
                 history.append(
                     {
@@ -498,6 +521,10 @@ class _Trainer:
                     }
                 )
                 self.model.train()
+        if world > 1:
+            loss_sum = ddp.sum_over_ranks(loss_sum)
+            gathered = ddp.gather_to_main(parts)
+            parts = [part for rank_parts in gathered for part in rank_parts] if gathered else []
         dynamics = dynamics_frame(train.ids, epoch, parts) if parts else None
         return loss_sum / seen, dynamics
 
@@ -527,7 +554,12 @@ def finetune(
     loss is then the weighted one too. ``observer`` (a :class:`StepObserver`) reads the training
     steps of the epochs it wants; ``config.capture`` needs one (use
     :func:`infscope.grads.inrun.finetune_with_capture`).
+
+    Launched by torchrun with ``WORLD_SIZE`` > 1, this trains data-parallel (see the module
+    docstring): every rank calls it with the same arguments, ``config.device`` ``cuda`` means the
+    local rank's GPU, and ``out_dir`` must be a directory every rank sees.
     """
+    ddp.refuse_capture(config.capture, observer)
     if config.capture is not None and observer is None:
         raise InfscopeError(
             f"capture={config.capture!r} needs a gradient observer; call "
@@ -535,8 +567,13 @@ def finetune(
         )
     if not train_rows:
         raise InfscopeError("no training rows; check the dataset and the validation split")
-    if config.device is not None:
-        loaded.model.to(resolve_device(config.device))
+    target = resolve_device(config.device) if config.device is not None else None
+    if ddp.launched():
+        target = ddp.train_device(target or next(loaded.model.parameters()).device)
+    if target is not None:
+        loaded.model.to(target)
+    distributed = ddp.init_from_env(target)
+    main = ddp.is_main()
     if config.dtype is not None:
         loaded.model.to(resolve_dtype(config.dtype))
     train = _encode(loaded, train_rows, config, label_names)
@@ -569,11 +606,13 @@ def finetune(
         _restore(model, trainer.optimizer, Path(last["path"]))
         start_epoch, history = int(last["epoch"]), list(last.get("history", []))
         trainer.resume_at(int(last["step"]))
+    if distributed:
+        trainer.distribute()
     infos = [_info(s) for s in states]
     recorded = _recorded_dynamics(states)
-    if config.record_dynamics and recorded:  # the table matches the checkpoints resumed from
+    if config.record_dynamics and recorded and main:  # the table matches the checkpoints resumed from
         _write_dynamics(out, recorded)
-    elif config.record_dynamics:
+    elif config.record_dynamics and main:
         (out / DYNAMICS_FILE).unlink(missing_ok=True)
     pending: list[pd.DataFrame] = []  # dynamics of epochs not yet saved with a checkpoint
 
@@ -581,7 +620,7 @@ def finetune(
     with torch.random.fork_rng(devices=fork_devices), frozen_prefix(model):
         for epoch in range(start_epoch + 1, config.epochs + 1):
             title = f"finetune epoch {epoch}/{config.epochs}"
-            bars = progress_bar(title, total=len(train), unit="rows") if progress else nullcontext()
+            bars = progress_bar(title, total=len(train), unit="rows") if progress and main else nullcontext()
             watched = observer is not None and observer.wants(epoch)
             if watched:
                 observer.begin_epoch(model, epoch)
@@ -591,7 +630,7 @@ def finetune(
                 observer.end_epoch(model, epoch, trainer.step)
             if dynamics is not None:
                 pending.append(dynamics)
-            val_loss = _mean_loss(model, val, config.batch_size)
+            val_loss = _mean_loss(model, val, config.batch_size) if main else None
             history.append(
                 {"step": trainer.step, "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss}
             )
@@ -612,16 +651,20 @@ def finetune(
                     "history": history,
                 }
                 saved = pd.concat(pending, ignore_index=True) if pending else None
-                _save_checkpoint(model, trainer.optimizer, state, target, saved)
                 infos.append(_info({**state, "path": str(target)}))
-                atomic_write_json(
-                    out / SUMMARY_FILE, FinetuneResult(infos, _select_best(infos), start_epoch).to_dict()
-                )
+                if main:
+                    _save_checkpoint(model, trainer.optimizer, state, target, saved)
+                    atomic_write_json(
+                        out / SUMMARY_FILE, FinetuneResult(infos, _select_best(infos), start_epoch).to_dict()
+                    )
                 if saved is not None:
                     recorded.append(saved)
                     pending = []
                     _write_dynamics(out, recorded)
+                ddp.barrier()  # the checkpoint exists for every rank before any goes on
     model.eval()
     result = FinetuneResult(infos, _select_best(infos), resumed_from=start_epoch)
-    atomic_write_json(out / SUMMARY_FILE, result.to_dict())
-    return result
+    if main:
+        atomic_write_json(out / SUMMARY_FILE, result.to_dict())
+    ddp.barrier()
+    return result if main else read_checkpoints(out)
