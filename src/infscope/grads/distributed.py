@@ -1,10 +1,14 @@
-"""torch.distributed glue for the gradient passes: rank and world, row ranges, reductions, a barrier.
+"""torch.distributed glue for the gradient passes: joining, row ranges, reductions, a barrier.
 
 Launched with ``torchrun --nproc-per-node N``, every process reads ``RANK``/``WORLD_SIZE``/
-``MASTER_ADDR``/``MASTER_PORT`` from the environment; :func:`init_from_env` joins the process group
-(gloo on CPU, nccl when CUDA is present). Without ``WORLD_SIZE`` (a plain ``python`` run) nothing is
-initialised and every helper acts as a world of one: :func:`shard_range` gives all rows, reductions
-return their input and :func:`barrier` returns at once, so the same code runs either way.
+``MASTER_ADDR``/``MASTER_PORT`` from the environment; :func:`init_from_env` joins the process group.
+Without ``WORLD_SIZE`` (a plain ``python`` run), or with ``WORLD_SIZE=1``, nothing is initialised and
+every helper acts as a world of one: :func:`shard_range` gives all rows, reductions return their
+input and :func:`barrier` returns at once, so the same code runs either way.
+
+The process-group helpers (rank, world, barrier, row ranges, the collectives' device) are those of
+:mod:`infscope.models.ddp`, which DDP fine-tuning uses, re-exported here so that one copy serves
+both; this module adds the backend choice of a gradient pass and the tensor collectives.
 
 Rows are split into contiguous ranges (rank 0 first), so each rank's results concatenate in rank
 order back into row order and stores keep their block-contiguous shard layout.
@@ -12,89 +16,72 @@ order back into row order and stores keep their block-contiguous shard layout.
 
 from __future__ import annotations
 
-import os
-from datetime import timedelta
-
 import torch
 import torch.distributed as dist
 
 from infscope.errors import InfscopeError
+from infscope.models import ddp
+from infscope.models.ddp import (
+    TIMEOUT,
+    barrier,
+    collective_device,
+    is_distributed,
+    is_main,
+    rank,
+    shard_range,
+    world_size,
+)
 
-#: How long a rank waits for the others at a collective before giving up (a crashed peer).
-TIMEOUT = timedelta(minutes=30)
+__all__ = [
+    "TIMEOUT",
+    "all_reduce_sum",
+    "barrier",
+    "broadcast_object",
+    "gather_rows",
+    "init_from_env",
+    "is_distributed",
+    "is_main",
+    "pass_device",
+    "rank",
+    "shard_range",
+    "world_size",
+]
+
+#: The device kind that makes :func:`infscope.models.ddp.init_from_env` pick each backend.
+BACKEND_DEVICES = {"nccl": "cuda", "gloo": "cpu"}
 
 
-def init_from_env(backend: str | None = None) -> bool:
-    """Join the process group torchrun described in the environment; ``False`` when not launched by it.
+def pass_device(backend: str | None = None, device: torch.device | str | None = None) -> torch.device:
+    """The device whose kind picks the backend of a gradient pass.
 
-    A no-op when ``WORLD_SIZE`` is absent or the group is already initialised. ``backend`` defaults to
-    nccl when CUDA is available and gloo otherwise.
+    ``backend`` (nccl or gloo) wins when given; else ``device`` (the model's device, as DDP fine-tuning
+    passes it); else CUDA when it is present and the CPU otherwise (the model of a scoring pass is
+    loaded after the group is joined, so its device is not known yet).
     """
-    if "WORLD_SIZE" not in os.environ:
-        return False
-    if dist.is_initialized():
-        return True
-    if not dist.is_available():
-        raise InfscopeError("torch was built without torch.distributed; run with one process (plain python)")
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=TIMEOUT)
-    return True
+    if backend is not None:
+        if backend not in BACKEND_DEVICES:
+            raise InfscopeError(f"unknown backend {backend!r}; use {' or '.join(BACKEND_DEVICES)}")
+        return torch.device(BACKEND_DEVICES[backend])
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def is_distributed() -> bool:
-    """True inside an initialised process group of more than one process."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def init_from_env(backend: str | None = None, device: torch.device | str | None = None) -> bool:
+    """Join the process group torchrun described; ``False`` (and nothing done) in a world of one.
 
-
-def rank() -> int:
-    """This process's rank (0 outside torchrun)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    """Number of processes (1 outside torchrun)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def is_main() -> bool:
-    """Whether this process prints and saves (rank 0)."""
-    return rank() == 0
-
-
-def barrier() -> None:
-    """Wait until every rank gets here (returns at once in a world of one)."""
-    if is_distributed():
-        dist.barrier()
-
-
-def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
-    """Rows ``[start, stop)`` of ``rank`` when ``n`` rows are split into ``world`` contiguous ranges.
-
-    The first ``n % world`` ranks get one row more; ranges cover ``0..n`` in rank order without gaps.
+    :func:`infscope.models.ddp.init_from_env` on :func:`pass_device`: nccl (and the local rank's GPU)
+    for a CUDA device, gloo otherwise. A no-op when the group is already initialised; returns whether
+    this process is one of several.
     """
-    if world < 1 or not 0 <= rank < world:
-        raise InfscopeError(f"rank {rank} is not in a world of {world}; check RANK and WORLD_SIZE")
-    if n < 0:
-        raise InfscopeError(f"cannot split {n} rows; pass a non-negative count")
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
-
-
-def _device() -> torch.device:
-    """Where collectives need their tensors: the current CUDA device under nccl, else the CPU."""
-    if is_distributed() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return ddp.init_from_env(pass_device(backend, device))
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """The element-wise sum of ``tensor`` over all ranks (a new tensor on the input's device)."""
     if not is_distributed():
         return tensor.clone()
-    out = tensor.detach().to(_device()).clone()
+    out = tensor.detach().to(collective_device()).clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out.to(tensor.device)
 
@@ -108,7 +95,7 @@ def gather_rows(part: torch.Tensor) -> torch.Tensor:
     """
     if not is_distributed():
         return part.clone()
-    world, device = world_size(), _device()
+    world, device = world_size(), collective_device()
     sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([part.shape[0]], dtype=torch.long, device=device))
     counts = [int(s.item()) for s in sizes]

@@ -12,8 +12,10 @@ that DDP's gradient average equals the one-process gradient of the global batch 
 uneven last batch included). The trained adapter is then the one-process adapter up to the order
 of summation.
 
-This layer (``models``) sits above ``grads`` in DESIGN.md's list, so it cannot reuse
-:mod:`infscope.grads.distributed`; the few helpers it needs live here.
+This layer (``models``) sits above ``grads`` in DESIGN.md's list, so the process-group helpers
+(joining, rank and world, barrier, the device collectives run on, contiguous row ranges) live here
+once; :mod:`infscope.grads.distributed` re-exports them and adds the tensor collectives of the
+gradient passes.
 """
 
 from __future__ import annotations
@@ -103,6 +105,28 @@ def barrier() -> None:
         dist.barrier()
 
 
+def collective_device() -> torch.device:
+    """Where collectives need their tensors: the current CUDA device under nccl, else the CPU."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of ``rank`` when ``n`` rows are split into ``world`` contiguous ranges.
+
+    The first ``n % world`` ranks get one row more; ranges cover ``0..n`` in rank order without gaps,
+    so per-rank results concatenate in rank order back into row order.
+    """
+    if world < 1 or not 0 <= rank < world:
+        raise InfscopeError(f"rank {rank} is not in a world of {world}; check RANK and WORLD_SIZE")
+    if n < 0:
+        raise InfscopeError(f"cannot split {n} rows; pass a non-negative count")
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
 def train_device(device: torch.device) -> torch.device:
     """The device a rank trains on: the local rank's GPU under DDP for a CUDA model, else ``device``."""
     if device.type == "cuda" and launched():
@@ -131,9 +155,8 @@ def shard_batch(rows: np.ndarray, weights: torch.Tensor | None, rank: int, world
     gradients, so each rank trains on ``world * sum_{i in slice} s_i l_i``: the average is then the
     one-process gradient. Slices follow row order, the first ``b % world`` ranks get one row more.
     """
-    if world < 1 or not 0 <= rank < world:
-        raise InfscopeError(f"rank {rank} is not in a world of {world}; check RANK and WORLD_SIZE")
     n = len(rows)
+    start, stop = shard_range(n, rank, world)
     if n == 0:
         raise InfscopeError("cannot shard an empty batch; pass at least one training row")
     if weights is None:
@@ -142,9 +165,6 @@ def shard_batch(rows: np.ndarray, weights: torch.Tensor | None, rank: int, world
         w = weights.double()
         total = w.sum()
         scale = w / total if total > 0 else w
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    stop = start + base + (1 if rank < extra else 0)
     if stop == start:
         return Shard(rows[:1], torch.zeros(1, dtype=torch.float64), True)
     return Shard(rows[start:stop], scale[start:stop] * world, False)
@@ -168,8 +188,7 @@ def sum_over_ranks(value: float) -> float:
     """The sum of ``value`` over all ranks (``value`` itself in a world of one)."""
     if not is_distributed():
         return value
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    total = torch.tensor([value], dtype=torch.float64, device=device)
+    total = torch.tensor([value], dtype=torch.float64, device=collective_device())
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return float(total.item())
 
