@@ -65,7 +65,7 @@ from infscope.estimators.pair import (
     xprompt_plan,
     xresponse_plan,
 )
-from infscope.estimators.registry import get_method
+from infscope.estimators.registry import FUSION_POOL, get_method
 from infscope.evaluate.metrics import auroc, average_precision
 from infscope.models.pair_losses import pair_losses, prompt_embeddings
 from infscope.pipeline import DEMO_NOISE, PipelineConfig, run_pipeline
@@ -112,6 +112,8 @@ class Profile:
     base_k: int = 3
     empty: bool = True
     resp_k: int = 3
+    fusion: bool = False
+    oof: bool = False
 
 
 #: Random competitors are one draw of this many rows per row; every k (and checkpoint) uses a prefix.
@@ -123,6 +125,31 @@ PROFILES = {
     "wide": Profile(random_k=8, nearest_k=5, xresponse_k=3, other_k=3, base_k=3),
     "lite": Profile(grads="best", random_k=3, nearest_k=3, xresponse_k=0, other_k=0, base_k=0, empty=False),
     "pairs": Profile(grads="none", random_k=3, nearest_k=3, xresponse_k=0, other_k=0, base_k=0, empty=False),
+    # held-out seeds: pair variants only (response-similar competitors up to k=5, and pmi/ifd)
+    "fresh": Profile(grads="none", random_k=0, nearest_k=0, xresponse_k=0, other_k=0, base_k=0, resp_k=5),
+    # canary runs: the registry's fusion (and its pool) as a user gets it, plus response-similar variants
+    "canary": Profile(
+        grads="none",
+        random_k=0,
+        nearest_k=0,
+        xresponse_k=0,
+        other_k=0,
+        base_k=0,
+        empty=False,
+        resp_k=5,
+        fusion=True,
+    ),
+    "canary_cls": Profile(
+        grads="none",
+        random_k=0,
+        nearest_k=0,
+        xresponse_k=0,
+        other_k=0,
+        base_k=0,
+        empty=False,
+        fusion=True,
+        oof=True,
+    ),
 }
 
 
@@ -188,6 +215,56 @@ SETTINGS = {
             "demo task, 20 % quality noise (truncation, filler, duplicates, non-answers)",
             {"dataset": "sentence_transform", "noise_weights": "quality=1"},
             (0.85, None),
+        ),
+        Setting(
+            "demo_swap_heldout",
+            "demo_swap on seeds not used to choose xprompt's defaults (pair variants only)",
+            {"dataset": "sentence_transform", "noise_weights": "response_swap=1"},
+            SWAP_GOAL,
+            "fresh",
+        ),
+        # canaries: 10 % extra rows corrupted with the setting's own noise type, the label-free route
+        Setting(
+            "demo_swap_canary",
+            "demo_swap with 10 % response-swap canaries: the registry's fusion chooses on them (held-out seeds)",
+            {
+                "dataset": "sentence_transform",
+                "noise_weights": "response_swap=1",
+                "canaries": 0.1,
+                "canary_noise": "response_swap",
+            },
+            SWAP_GOAL,
+            "canary",
+        ),
+        Setting(
+            "describe_swap_canary",
+            "describe_swap with 10 % response-swap canaries",
+            {
+                "dataset": "debian_describe",
+                "noise_weights": "response_swap=1",
+                "canaries": 0.1,
+                "canary_noise": "response_swap",
+            },
+            SWAP_GOAL,
+            "canary",
+        ),
+        Setting(
+            "sections_flip_canary",
+            "sections_flip_e10 (10 epochs, MiniLM) with 10 % label-flip canaries: fusion, and each method's "
+            "checkpoint chosen on the canaries (`@canary`)",
+            {
+                "dataset": "debian_sections",
+                "noise_weights": "label_flip=1",
+                "model": "minilm",
+                "lora_layers": None,
+                "epochs": 10,
+                "lr": 3e-3,
+                "max_length": 64,
+                "canaries": 0.1,
+                "canary_noise": "label",
+            },
+            (0.90, None),
+            "canary_cls",
         ),
         # directions: train further so the model learns the task (and the pairing)
         Setting(
@@ -284,6 +361,52 @@ def registry_scores(run_dir: Path, cache: RunCache, profile: Profile, task: str,
                 },
             )
         log(f"  {name}: {time.perf_counter() - start:.0f} s")
+
+
+def _put_scored(cache: RunCache, scored: dict, suffix: str = "") -> None:
+    """Cache every returned :class:`Scores` (canaries already dropped) with its canary AUROC and choice."""
+    for key, s in scored.items():
+        cache.put(
+            f"{key}{suffix}",
+            {
+                "ids": list(s.train_ids),
+                "values": np.asarray(s.values, dtype=float).reshape(-1).tolist(),
+                "seconds": s.meta.get("seconds"),
+                "peak_mb": s.meta.get("peak_rss_mb"),
+                "canary_auroc": s.meta.get("canary_auroc"),
+                "fusion": s.meta.get("fusion"),
+                "checkpoint_tag": s.meta.get("checkpoint_tag"),
+            },
+        )
+
+
+def canary_scores(run_dir: Path, cache: RunCache, profile: Profile, task: str, log) -> None:
+    """What a user without labels runs: ``--method fusion`` (its pool in the same call, as the CLI does),
+    and for classifiers ``--checkpoint canary`` and the out-of-fold scores."""
+    calls = []
+    if profile.fusion:
+        pool = [m for m in FUSION_POOL if task in get_method(m).tasks]
+        calls.append(("fusion", pool + ["fusion"], "best", ""))
+    if task == "classification":
+        calls.append(
+            ("label_margin@canary", ["label_margin", "loss", "grad_cos", "datainf"], "canary", "@canary")
+        )
+    if task == "classification":  # K fold fine-tunes (cached in the run), then two cheap probes
+        calls.append(("oof_fusion", ["oof_loss", "cleanlab", "text_oof", "oof_fusion"], "best", ""))
+    for marker, names, checkpoint, suffix in calls:
+        if cache.has(marker):
+            continue
+        start = time.perf_counter()
+        try:
+            scored = score_run(run_dir, names, checkpoint=checkpoint)
+        except Exception as exc:  # recorded in the table, the benchmark goes on
+            cache.put(marker, {"error": error_line(exc), "traceback": traceback.format_exc()})
+            log(f"  {marker}: ERROR {error_line(exc)}")
+            continue
+        if suffix:  # the canary-chosen vectors only, not every checkpoint's
+            scored = {k: v for k, v in scored.items() if "@" not in k}
+        _put_scored(cache, scored, suffix)
+        log(f"  {marker} ({', '.join(names)}): {time.perf_counter() - start:.0f} s")
 
 
 # ---------------------------------------------------------------- pair scores from one pass
@@ -390,12 +513,9 @@ def plans_for(
             xprompt_plan(comp[:, :k3]).pairs,
             lambda loss, k=k3: loss[:n] / np.maximum(loss[n:].reshape(n, k).mean(axis=1), 1e-12),
         )
-        if k_min := min(3, comp.shape[1]):
-            sub = comp[:, :k_min]
-            plans[f"xprompt_{short}{k_min}_min"] = PairPlan(
-                xprompt_plan(sub).pairs,
-                lambda loss, k=k_min: loss[:n] - loss[n:].reshape(n, k).min(axis=1),
-            )
+        for k_min in (3, 5, 8):
+            if k_min <= comp.shape[1]:
+                plans[f"xprompt_{short}{k_min}_min"] = xprompt_plan(comp[:, :k_min], aggregate="min")
         xk = kinds.get("xresponse", 0)
         if xk and kinds.get("empty") and short == "r":
             plans[f"xresponse_{short}{xk}"] = xresponse_plan(comp[:, :xk])
@@ -526,13 +646,19 @@ def add_fusions(cache: RunCache) -> None:
 def run_metrics(run_dir: Path, cache: RunCache) -> dict[str, dict[str, Any]]:
     """AUROC, AP (all noise vs clean) and per-family AUROC of every cached variant of one run."""
     manifest = read_manifest(run_dir / "data" / "manifest.jsonl").set_index("id")
+    canaries = set(open_run(run_dir).canary_ids)
     out: dict[str, dict[str, Any]] = {}
     for name, entry in cache.data.items():
         if "values" not in entry:
             out[name] = {"error": entry.get("error")}
             continue
-        ids = entry["ids"]
-        values = np.asarray(entry["values"], dtype=float)
+        all_values = np.asarray(entry["values"], dtype=float)
+        is_canary = np.array([i in canaries for i in entry["ids"]], dtype=bool)
+        canary_auroc = entry.get("canary_auroc")
+        if is_canary.any() and np.isfinite(all_values).all():  # benchmark variants score canaries too
+            canary_auroc = auroc(all_values, is_canary)
+        ids = [i for i in entry["ids"] if i not in canaries]
+        values = all_values[~is_canary]
         truth = manifest.loc[ids, "is_noisy"].to_numpy(dtype=bool)
         family = manifest.loc[ids, "family"].to_numpy()
         if not np.isfinite(values).all():
@@ -548,6 +674,9 @@ def run_metrics(run_dir: Path, cache: RunCache) -> dict[str, dict[str, Any]]:
             "families": per_family,
             "seconds": entry.get("seconds"),
             "peak_mb": entry.get("peak_mb"),
+            "canary_auroc": canary_auroc,
+            "fusion": entry.get("fusion"),
+            "checkpoint_tag": entry.get("checkpoint_tag"),
         }
     return out
 
@@ -614,7 +743,52 @@ def setting_table(setting: Setting, per_seed: dict[int, dict[str, dict]]) -> str
         "| method | seeds | AUROC (mean ± sd) | AP | min gap to loss | seconds | peak MB |",
         "|---|---|---|---|---|---|---|",
     ]
-    return "\n".join(head + [r[1] for r in rows])
+    return "\n".join(head + [r[1] for r in rows]) + canary_table(per_seed)
+
+
+def canary_table(per_seed: dict[int, dict[str, dict]]) -> str:
+    """Per seed: what the canaries chose (fusion), how it did on the real noise, and the hit rate.
+
+    A *hit*: the pool method with the best canary AUROC is also the pool's best on the real noise
+    (within 0.005 AUROC). Regret: the best pool method's real AUROC minus the fusion's.
+    """
+    lines = [
+        "| seed | fusion chose | canary AUROC (LOO) | real AUROC | real AP | canaries' single pick | "
+        "best pool method (real) | hit | regret | loss |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    hits, fused = [], []
+    for seed in sorted(per_seed):
+        m = per_seed[seed]
+        f = m.get("fusion", {})
+        choice = f.get("fusion")
+        if not choice or f.get("auroc") is None:
+            continue
+        pool = {n: m[n] for n in FUSION_POOL if m.get(n, {}).get("auroc") is not None}
+        pick = max(pool, key=lambda n: (pool[n].get("canary_auroc") or -1, -list(pool).index(n)))
+        best = max(pool, key=lambda n: pool[n]["auroc"])
+        hit = pool[best]["auroc"] - pool[pick]["auroc"] <= 0.005
+        hits.append(hit)
+        fused.append(f["auroc"])
+        chose = " + ".join(f"{w:.2f} {n}" for n, w in zip(choice["members"], choice["weights"], strict=True))
+        loo = choice.get("loo_auroc")
+        lines.append(
+            f"| {seed} | {chose} | {choice['canary_auroc']:.3f} ({loo:.3f}) | {f['auroc']:.3f} | {f['ap']:.3f} | "
+            f"{pick} ({pool[pick]['auroc']:.3f}) | {best} ({pool[best]['auroc']:.3f}) | {'yes' if hit else 'no'} | "
+            f"{pool[best]['auroc'] - f['auroc']:+.3f} | {m[baseline_name(m)]['auroc']:.3f} |"
+        )
+    if not hits:
+        return ""
+    spread = f" ± {np.std(fused, ddof=1):.3f}" if len(fused) > 1 else ""
+    return "\n".join(
+        [
+            "",
+            f"Canaries' choice (the registry's `fusion`, label-free): real AUROC {np.mean(fused):.3f}{spread}; "
+            f"the canaries' single pick is the pool's best on the real noise in {sum(hits)} of {len(hits)} seeds.",
+            "",
+            *lines,
+        ]
+    )
 
 
 # ---------------------------------------------------------------- main
@@ -634,6 +808,7 @@ def run_one(setting: Setting, seed: int, log, model: str = "smollm2-135m") -> Pa
     cache = RunCache(run_dir)
     task = open_run(run_dir).spec.task
     registry_scores(run_dir, cache, profile, task, log)
+    canary_scores(run_dir, cache, profile, task, log)
     if task == "instruction":
         try:
             all_pair_scores(run_dir, cache, profile, log)
