@@ -4,6 +4,11 @@ Everything lands where :class:`~infscope.runs.RunLayout` says: ``scoring/<checkp
 holds ``grads/train``, ``grads/<query>``, ``losses.parquet`` and ``gradients.json``. Stores resume
 shard by shard; a store made with other blocks or another dtype is collected again. The stores that
 fine-tuning captured (``scoring/inrun-epoch-N``, :mod:`infscope.grads.inrun`) are read as they are.
+
+With LoRA on the top layers only, every pass at a checkpoint (base-model loss, train and query
+gradients, shuffled-prompt query gradients, the K-FAC factors of :mod:`infscope.scoring.inputs`)
+runs from one frozen-prefix cache, :func:`checkpoint_prefix`, so the frozen bottom layers run once
+per row and checkpoint in a process, however many passes and ``score_run`` calls follow.
 """
 
 from __future__ import annotations
@@ -42,6 +47,55 @@ def encode_for(spec: ModelSpec, rows: Sequence[dict], tokenizer: Any):
     )
 
 
+#: The frozen-prefix cache of the last checkpoint a pass ran at in this process, by :func:`_prefix_key`.
+#: One entry only: a cache may hold up to 2 GiB of hidden states, and scoring visits checkpoints in turn.
+_PREFIX: dict[tuple, PrefixStates] = {}
+
+
+def _prefix_key(spec: ModelSpec, checkpoint: str | Path, depth: int) -> tuple:
+    """What the cached states depend on: the base model (name, seed, device, dtype, head) and the depth.
+
+    The checkpoint's path is part of the key too, so that one checkpoint's cache is never handed to
+    another's passes (their frozen layers are the same, but the rule is simpler to trust).
+    """
+    head = len(spec.label_names or []) if spec.model_task == "classification" else 0
+    where = str(Path(checkpoint).resolve())
+    return (
+        where,
+        int(depth),
+        spec.name,
+        int(spec.seed),
+        str(spec.device),
+        str(spec.dtype),
+        spec.model_task,
+        head,
+    )
+
+
+def checkpoint_prefix(spec: ModelSpec, checkpoint: str | Path) -> PrefixStates | None:
+    """The frozen-prefix cache all passes at ``checkpoint`` share in this process (``None``: LoRA everywhere).
+
+    The hidden states entering the adapter's lowest layer depend only on the frozen base model and
+    the row's tokens, so the base-model loss, the gradient passes and the K-FAC factor pass at one
+    checkpoint can all read the states the first of them computed. The cache of the previous
+    checkpoint is dropped when another checkpoint asks (memory stays bounded by one cache).
+    """
+    depth = adapter_first_layer(checkpoint)
+    if not depth:
+        return None
+    key = _prefix_key(spec, checkpoint, depth)
+    cache = _PREFIX.get(key)
+    if cache is None:
+        _PREFIX.clear()
+        cache = _PREFIX[key] = PrefixStates(depth)
+    return cache
+
+
+def clear_prefix_cache() -> None:
+    """Forget the shared frozen-prefix cache (its memory goes once no pass holds it)."""
+    _PREFIX.clear()
+
+
 def collect_gradients(
     spec: ModelSpec,
     layout: RunLayout,
@@ -66,8 +120,7 @@ def collect_gradients(
         encode_for(spec, train, loaded.tokenizer),
         encode_for(spec, query, loaded.tokenizer),
     )
-    depth = adapter_first_layer(checkpoint)
-    prefix = PrefixStates(depth) if depth else None  # shared by the base-model and adapter passes
+    prefix = checkpoint_prefix(spec, checkpoint)  # shared by the base-model and adapter passes (and K-FAC)
     loaded.model.requires_grad_(False)  # the base model is only evaluated; the adapter brings its own weights
     with frozen_prefix(loaded.model, prefix):
         base_loss = per_example_loss(loaded.model, enc_train, batch_size=spec.batch_size)
@@ -178,8 +231,7 @@ def query_gradients(
         loaded.model.requires_grad_(False)
         encoded = encode_for(spec, rows, loaded.tokenizer)
         model = load_adapter(loaded, checkpoint)
-        depth = adapter_first_layer(checkpoint)
-        with frozen_prefix(model, PrefixStates(depth) if depth else None):
+        with frozen_prefix(model, checkpoint_prefix(spec, checkpoint)):
             collect_to_store(
                 model,
                 encoded,

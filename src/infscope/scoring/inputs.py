@@ -34,7 +34,13 @@ from infscope.estimators.inputs import (
 )
 from infscope.grads.base import GradientSet, InMemoryGradients, to_memory
 from infscope.grads.kfac import cached_kfac_factors, collect_kfac_factors
-from infscope.scoring.gradients import checkpoint_gradients, encode_for, query_gradients, shuffled_prompts
+from infscope.scoring.gradients import (
+    checkpoint_gradients,
+    checkpoint_prefix,
+    encode_for,
+    query_gradients,
+    shuffled_prompts,
+)
 from infscope.scoring.run import Checkpoint, OpenedRun
 
 IN_MEMORY_LIMIT = 2 << 30
@@ -217,14 +223,35 @@ class RunInputs:
         return loaded
 
     @per_instance
+    def prefix_states(self, path: str) -> Any:
+        """The frozen-prefix cache of the checkpoint at ``path`` (``None``: LoRA on all layers).
+
+        :func:`~infscope.scoring.gradients.checkpoint_prefix`: the one the gradient passes at that
+        checkpoint used in this process, so the K-FAC pass reads the frozen layers' states they left.
+        Kept here too, so these inputs hold it while they live.
+        """
+        return checkpoint_prefix(self.run.spec, path)
+
+    @per_instance
     def kfac_factors(self, fisher: str = "empirical") -> Any:
-        """K-FAC factors of the training rows at the checkpoint, cached in ``RunLayout.kfac`` (see grads/kfac.py)."""
+        """K-FAC factors of the training rows at the checkpoint, cached in ``RunLayout.kfac`` (grads/kfac.py).
+
+        With LoRA on the top layers only, the pass runs from the checkpoint's shared frozen-prefix
+        cache (:meth:`prefix_states`): rows the gradient pass already saw skip the frozen layers.
+        """
 
         def collect():
             loaded, spec = self.model("checkpoint"), self.run.spec
             enc = encode_for(spec, self.run.train, loaded.tokenizer)
+            cache = self.prefix_states(self.checkpoint.path)
             kw = {"fisher": fisher, "seed": self.seed, "eigen_correction": fisher == "true"}
-            return collect_kfac_factors(loaded.model, enc, batch_size=spec.batch_size, **kw)
+            return collect_kfac_factors(
+                loaded.model,
+                enc,
+                batch_size=spec.batch_size,
+                prefix=cache if cache is not None else True,
+                **kw,
+            )
 
         path = self.run.layout.kfac(self.checkpoint.path, self.block_by)
         return cached_kfac_factors(path, collect, ids=self.train_ids, fisher=fisher, seed=self.seed)
