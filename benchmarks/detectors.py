@@ -209,12 +209,14 @@ SETTINGS = {
             "math_reason, 20 % wrong final numbers",
             {"dataset": "math_reason", "noise_weights": "wrong_numeric=1"},
             SWAP_GOAL,
+            "pairs",
         ),
         Setting(
             "demo_quality",
             "demo task, 20 % quality noise (truncation, filler, duplicates, non-answers)",
             {"dataset": "sentence_transform", "noise_weights": "quality=1"},
             (0.85, None),
+            "pairs",
         ),
         Setting(
             "demo_swap_heldout",

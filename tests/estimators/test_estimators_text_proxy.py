@@ -135,3 +135,69 @@ def test_oof_fusion_is_the_mean_percentile_rank() -> None:
     ref = (pd.Series(a).rank().to_numpy() / n + pd.Series(b).rank().to_numpy() / n) / 2
     np.testing.assert_allclose(fused, ref, rtol=1e-12)
     assert get_method("text_oof").tasks == ("classification",)
+
+
+def test_embeddings_join_the_features_as_unit_rows() -> None:
+    rows = _rows()
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(len(rows), 4)) + np.array([r["label"] for r in rows])[:, None]
+    got = text_proxy.text_oof_scores(rows, None, k=3, c=10.0, seed=1, embeddings=emb)
+    x = text_proxy.tfidf_features([r["text"] for r in rows]).to_dense().numpy()
+    x = np.hstack(
+        [x[:, np.flatnonzero(np.abs(x).sum(axis=0))], emb / np.linalg.norm(emb, axis=1, keepdims=True)]
+    )
+    y = np.array([r["label"] for r in rows])
+    folds = fold_of([str(i) for i in range(len(rows))], 3, 1)
+    ref = np.zeros(len(rows))
+    for f in range(3):
+        held = folds == f
+        model = LogisticRegression(C=10.0, max_iter=20000, tol=1e-12).fit(x[~held], y[~held])
+        ref[held] = 1 - model.predict_proba(x[held])[np.arange(held.sum()), y[held]]
+    np.testing.assert_allclose(got, ref, atol=2e-4)
+
+
+def test_registry_text_oof_uses_the_base_models_embeddings(tmp_path) -> None:
+    import json
+
+    import torch
+
+    from infscope.cli import main
+    from infscope.models.registry import load_model
+    from infscope.scoring import open_run, score_run
+
+    rows = [
+        {"id": f"r{i}", "text": ("good day " if i % 2 else "bad night ") + str(i), "label": i % 2}
+        for i in range(12)
+    ]
+    data = tmp_path / "cls.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    args = [
+        "finetune",
+        str(data),
+        "--out",
+        str(run),
+        "--model",
+        "tiny-bert",
+        "--epochs",
+        "1",
+        "--threads",
+        "1",
+    ]
+    assert main(args) == 0
+    scored = score_run(run, ["text_oof"], options={"text_oof": {"k": 3}})["text_oof"]
+    opened = open_run(run)
+    base = load_model("tiny-bert", task="classification", num_labels=2, seed=opened.spec.seed).model.eval()
+    tok = load_model("tiny-bert", task="classification", num_labels=2, seed=opened.spec.seed).tokenizer
+    emb = []
+    for row in opened.train:  # one row at a time, no padding: the reference mean hidden state
+        enc = tok(row["text"], return_tensors="pt", truncation=True, max_length=opened.spec.max_length)
+        with torch.no_grad():
+            emb.append(base(**enc, output_hidden_states=True).hidden_states[-1][0].mean(0).double().numpy())
+    expected = text_proxy.text_oof_scores(
+        opened.train, None, k=3, c=100.0, seed=opened.spec.seed, embeddings=np.stack(emb)
+    )
+    np.testing.assert_allclose(scored.vector(), expected, atol=1e-5)
+    assert scored.meta["features"] == "text+base"
+    with pytest.raises(InfscopeError, match="features='words' is unknown"):
+        score_run(run, ["text_oof"], options={"text_oof": {"features": "words"}})

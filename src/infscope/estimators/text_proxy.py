@@ -10,7 +10,10 @@ network) and, ranked together with ``oof_loss``, finds more label flips than eit
 
 - ``text_oof``: ``1 - p(given label)`` under a multinomial logistic regression (L2, the objective
   ``C * sum CE + |W|^2 / 2``) on hashed, sublinear TF-IDF features of words and character
-  2-5-grams, each row predicted by the fold model that did not see it (K folds, seeded).
+  2-5-grams next to the *base* model's mean hidden states (l2-normalised; ``features="text"``
+  leaves them out), each row predicted by the fold model that did not see it (K folds, seeded).
+  The base model never saw the labels, so its embeddings leak nothing into the held-out folds;
+  the tuned model's would.
 - ``oof_fusion``: the mean percentile rank of ``oof_loss`` and ``text_oof``, weights fixed in advance.
 """
 
@@ -27,10 +30,12 @@ import torch
 
 from infscope.errors import InfscopeError
 from infscope.estimators.baselines import from_values
-from infscope.estimators.inputs import REFIT, MethodInputs
+from infscope.estimators.inputs import MODEL, REFIT, MethodInputs
 from infscope.estimators.method import Method, check_options
 from infscope.estimators.out_of_fold import fold_of
 from infscope.estimators.scores import Scores
+from infscope.models.embed import mean_hidden_states
+from infscope.models.encode import encode_rows
 from infscope.noise.rng import stable_hash
 
 #: Hashed feature space (words and character n-grams share it); collisions are rare at this size.
@@ -143,14 +148,27 @@ def predict_proba(x: torch.Tensor, coef: torch.Tensor) -> np.ndarray:
     return torch.softmax(logits, dim=1).numpy()
 
 
+def with_dense(x: torch.Tensor, dense: np.ndarray | None) -> torch.Tensor:
+    """``[x | dense]`` as one sparse matrix (``dense`` rows l2-normalised), or ``x`` when ``dense`` is None."""
+    if dense is None:
+        return x
+    d = torch.as_tensor(np.asarray(dense, dtype=np.float64))
+    d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    rows, cols = torch.meshgrid(torch.arange(d.shape[0]), torch.arange(d.shape[1]), indexing="ij")
+    indices = torch.cat([x.indices(), torch.stack([rows.reshape(-1), cols.reshape(-1) + x.shape[1]])], dim=1)
+    values = torch.cat([x.values(), d.reshape(-1)])
+    return torch.sparse_coo_tensor(
+        indices, values, (x.shape[0], x.shape[1] + d.shape[1]), check_invariants=False
+    ).coalesce()
+
+
 def out_of_fold_proba(
-    texts: Sequence[str], labels: np.ndarray, n_classes: int, *, k: int = 10, c: float = 100.0, seed: int = 0
+    x: torch.Tensor, labels: np.ndarray, n_classes: int, *, k: int = 10, c: float = 100.0, seed: int = 0
 ) -> np.ndarray:
-    """Each row's class probabilities from the probe fitted on the other ``k - 1`` folds."""
-    ids = [str(i) for i in range(len(texts))]
-    folds = fold_of(ids, k, seed)
-    x = tfidf_features(texts)
-    probs = np.zeros((len(texts), n_classes))
+    """Each row's class probabilities from the probe fitted on the other ``k - 1`` folds of features ``x``."""
+    n = x.shape[0]
+    folds = fold_of([str(i) for i in range(n)], k, seed)
+    probs = np.zeros((n, n_classes))
     for fold in range(k):
         held = folds == fold
         # the fold's feature columns: those its training rows use (the others have zero weight anyway)
@@ -193,9 +211,15 @@ def _label_positions(rows: Sequence[dict], label_names: Sequence[Any] | None) ->
 
 
 def text_oof_scores(
-    rows: Sequence[dict], label_names: Sequence[Any] | None, *, k: int, c: float, seed: int
+    rows: Sequence[dict],
+    label_names: Sequence[Any] | None,
+    *,
+    k: int,
+    c: float,
+    seed: int,
+    embeddings: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``1 - p(given label)`` per row under the cross-fitted probe."""
+    """``1 - p(given label)`` per row under the cross-fitted probe (TF-IDF, plus ``embeddings`` when given)."""
     texts = [str(r.get("text", "")) for r in rows]
     labels, n_classes = _label_positions(rows, label_names)
     if not 2 <= k <= len(rows):
@@ -204,16 +228,44 @@ def text_oof_scores(
         )
     if c <= 0:
         raise InfscopeError(f"text_oof c={c} must be positive (inverse L2 strength); pass e.g. 100")
-    probs = out_of_fold_proba(texts, labels, n_classes, k=k, c=c, seed=seed)
+    x = with_dense(tfidf_features(texts), embeddings)
+    probs = out_of_fold_proba(x, labels, n_classes, k=k, c=c, seed=seed)
     return 1.0 - probs[np.arange(len(labels)), labels]
 
 
+#: What the probe reads: word and character n-grams, plus the *base* model's mean hidden states
+#: (frozen, never trained on these labels, so nothing leaks into the held-out folds).
+FEATURES = ("text+base", "text")
+
+
+def base_embeddings(inputs: MethodInputs) -> np.ndarray:
+    """Mean last hidden states of the base model over each training row (one batched forward pass)."""
+    loaded = inputs.model("base")
+    options = inputs.encode_options()
+    encoded = encode_rows(
+        inputs.rows(),
+        loaded.tokenizer,
+        task=options["task"],
+        max_length=options["max_length"],
+        label_names=options["label_names"],
+    )
+    return mean_hidden_states(loaded.model, encoded, batch_size=options["batch_size"])
+
+
 def _text_oof(inputs: MethodInputs, options: dict[str, Any]) -> Scores:
-    check_options("text_oof", lambda k=10, c=100.0: None, options)
-    k, c = int(options.get("k", 10)), float(options.get("c", 100.0))
+    check_options("text_oof", lambda k=10, c=100.0, features="text+base": None, options)
+    k, c, features = (
+        int(options.get("k", 10)),
+        float(options.get("c", 100.0)),
+        options.get("features", "text+base"),
+    )
+    if features not in FEATURES:
+        raise InfscopeError(f"text_oof features={features!r} is unknown; use one of {', '.join(FEATURES)}")
+    embeddings = base_embeddings(inputs) if features == "text+base" else None
     label_names = inputs.encode_options().get("label_names")
-    values = text_oof_scores(inputs.rows(), label_names, k=k, c=c, seed=inputs.seed)
-    return from_values(values, inputs.train_ids, "text_oof", {"k": k, "c": c, "family": "out_of_fold"})
+    values = text_oof_scores(inputs.rows(), label_names, k=k, c=c, seed=inputs.seed, embeddings=embeddings)
+    meta = {"k": k, "c": c, "features": features, "family": "out_of_fold"}
+    return from_values(values, inputs.train_ids, "text_oof", meta)
 
 
 def percentile_ranks(values: np.ndarray) -> np.ndarray:
@@ -235,9 +287,9 @@ def _oof_fusion(inputs: MethodInputs, options: dict[str, Any]) -> Scores:
 REGISTER = [
     Method(
         "text_oof",
-        (),
+        (MODEL,),
         _text_oof,
-        "1 - out-of-fold p(given label) under a TF-IDF word + char n-gram logistic probe",
+        "1 - out-of-fold p(given label) under a logistic probe on TF-IDF n-grams + base-model embeddings",
         family="out_of_fold",
         tasks=("classification",),
     ),
