@@ -139,6 +139,9 @@ PROFILES = {
         resp_k=5,
         fusion=True,
     ),
+    "heldout_cls": Profile(
+        grads="none", random_k=0, nearest_k=0, xresponse_k=0, other_k=0, base_k=0, empty=False, resp_k=0
+    ),
     "canary_cls": Profile(
         grads="none",
         random_k=0,
@@ -224,6 +227,20 @@ SETTINGS = {
             {"dataset": "sentence_transform", "noise_weights": "response_swap=1"},
             SWAP_GOAL,
             "fresh",
+        ),
+        Setting(
+            "sections_flip_heldout",
+            "sections_flip on seeds not used to design text_oof (3 epochs, MiniLM; loss, dynamics, text_oof)",
+            {
+                "dataset": "debian_sections",
+                "noise_weights": "label_flip=1",
+                "model": "minilm",
+                "lora_layers": None,
+                "epochs": 3,
+                "max_length": 64,
+            },
+            (0.90, None),
+            "heldout_cls",
         ),
         # canaries: 10 % extra rows corrupted with the setting's own noise type, the label-free route
         Setting(
@@ -389,12 +406,15 @@ def canary_scores(run_dir: Path, cache: RunCache, profile: Profile, task: str, l
     if profile.fusion:
         pool = [m for m in FUSION_POOL if task in get_method(m).tasks]
         calls.append(("fusion", pool + ["fusion"], "best", ""))
-    if task == "classification":
+    has_canaries = bool(open_run(run_dir).canary_ids)
+    if task == "classification" and has_canaries:
         calls.append(
             ("label_margin@canary", ["label_margin", "loss", "grad_cos", "datainf"], "canary", "@canary")
         )
-    if task == "classification":  # K fold fine-tunes (cached in the run), then two cheap probes
-        calls.append(("oof_fusion", ["oof_loss", "cleanlab", "text_oof", "oof_fusion"], "best", ""))
+    if task == "classification":  # the cross-fitted probe: no fine-tune, one pass of the base model
+        calls.append(("text_oof", ["text_oof", "loss"], "best", ""))
+    if task == "classification" and profile.oof:  # K fold fine-tunes (cached in the run)
+        calls.append(("oof_fusion", ["oof_loss", "cleanlab", "oof_fusion"], "best", ""))
     for marker, names, checkpoint, suffix in calls:
         if cache.has(marker):
             continue
