@@ -235,6 +235,8 @@ def gap_closed(r: dict[str, Any]) -> float | None:
 def _beats(r: dict[str, Any]) -> str:
     if r["random"] is None:
         return "-"
+    if not r["rows_changed"]:
+        return "kept 0"  # nothing cleaned: no cleaning beat or lost to random
     diff = r["cleaned"] - r["random"]
     return "yes" if diff > 0 else ("tie" if diff == 0 else "no")
 
