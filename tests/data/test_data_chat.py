@@ -11,8 +11,8 @@ import warnings
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
+from conftest import word_sentences
 from infscope.data.columns import ColumnMap
 from infscope.data.formatting import (
     format_text,
@@ -65,14 +65,6 @@ CHATS = [
         ],
     },
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -269,40 +261,18 @@ def test_mixed_rows_and_truncation(tok):
 
 # ---------------------------------------------------------------- noise
 
-WORDS = [
-    "the",
-    "cat",
-    "is",
-    "on",
-    "a",
-    "mat",
-    "and",
-    "it",
-    "was",
-    "happy",
-    "because",
-    "people",
-    "receive",
-    "letters",
-    "with",
-    "care",
-]
-
 
 def chat_rows(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
-
-    def sentences(k: int) -> str:
-        return " ".join(
-            " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 10))).capitalize() + "."
-            for _ in range(k)
-        )
 
     rows = []
     for i in range(n):
         messages = [turn("system", "You are kind.")] if i % 2 else []
         for _ in range(rng.randint(1, 3)):
-            messages += [turn("user", sentences(1)), turn("assistant", sentences(rng.randint(1, 3)))]
+            messages += [
+                turn("user", word_sentences(rng, 1)),
+                turn("assistant", word_sentences(rng, rng.randint(1, 3))),
+            ]
         rows.append({"id": f"chat-{i:03d}", "messages": messages})
     return rows
 

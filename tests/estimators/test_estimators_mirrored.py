@@ -11,32 +11,16 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from infscope.data.builtin import make_builtin
+from conftest import FakeInputs
 from infscope.errors import InfscopeError
 from infscope.estimators.hessian_free import HessianFree
 from infscope.estimators.mirrored import lora_weights, mirrored_values
 from infscope.estimators.registry import get_method
 from infscope.grads.hooks import compute_gradients
 from infscope.models.encode import encode_rows
-from infscope.models.lora import attach_lora
-from infscope.models.registry import load_model
 
 MAX_LEN = 64
-
-
-@pytest.fixture(scope="module")
-def setup():
-    loaded = load_model("tiny-llama", seed=0)
-    attach_lora(loaded, seed=0)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # a "tuned" adapter: B away from its zero init, so every LoRA matrix has gradients
-        for name, p in loaded.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-    loaded.model.requires_grad_(False)
-    loaded.model.eval()
-    split = make_builtin("sentence_transform", seed=0, n_classes=3, per_class=4, n_test_per_class=1)
-    return loaded, split.train, split.test
+ENCODE = {"task": "causal", "max_length": MAX_LEN, "batch_size": 3, "response_only": True}
 
 
 def row_loss(model, tokenizer, row) -> torch.Tensor:
@@ -84,8 +68,8 @@ def loop_mirrored(loaded, rows, queries, lr, steps, optimizer, direction) -> np.
     "steps, lr, optimizer, direction",
     [(1, 0.05, "sgd", "descent"), (2, 0.02, "sgd", "ascent"), (2, 1e-3, "adam", "descent")],
 )
-def test_matches_the_definition_by_a_plain_loop(setup, steps, lr, optimizer, direction):
-    loaded, rows, queries = setup
+def test_matches_the_definition_by_a_plain_loop(tuned_llama, steps, lr, optimizer, direction):
+    loaded, rows, queries = tuned_llama
     got, meta = mirrored_values(
         loaded.model,
         loaded.tokenizer,
@@ -106,8 +90,8 @@ def test_matches_the_definition_by_a_plain_loop(setup, steps, lr, optimizer, dir
     assert moved_down == (direction == "descent")
 
 
-def test_model_is_left_unchanged(setup):
-    loaded, rows, queries = setup
+def test_model_is_left_unchanged(tuned_llama):
+    loaded, rows, queries = tuned_llama
     before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
     mirrored_values(loaded.model, loaded.tokenizer, rows, queries, steps=2, lr=0.1, max_length=MAX_LEN)
     for name, p in loaded.model.named_parameters():
@@ -115,9 +99,9 @@ def test_model_is_left_unchanged(setup):
         assert not p.requires_grad and p.grad is None
 
 
-def test_one_small_sgd_step_is_eta_times_hessian_free(setup):
+def test_one_small_sgd_step_is_eta_times_hessian_free(tuned_llama):
     """First order: L_z(theta - eta v) - L_z(theta) ~ -eta v.g_z = eta * hessian_free(z)."""
-    loaded, rows, queries = setup
+    loaded, rows, queries = tuned_llama
     eta = 1e-3
     got, _ = mirrored_values(
         loaded.model, loaded.tokenizer, rows, queries, lr=eta, max_length=MAX_LEN, batch_size=16
@@ -137,41 +121,10 @@ def test_one_small_sgd_step_is_eta_times_hessian_free(setup):
     np.testing.assert_allclose(got, eta * hf, rtol=0.05, atol=0.02 * eta * np.abs(hf).max())
 
 
-class FakeInputs:
-    """The few MethodInputs members the forward methods use."""
-
-    seed, aggregate, task, canary_ids = 0, True, "instruction", []
-
-    def __init__(self, loaded, rows, queries):
-        self._loaded, self._rows, self._queries = loaded, rows, queries
-
-    @property
-    def train_ids(self):
-        return [r["id"] for r in self._rows]
-
-    def model(self, which="checkpoint"):
-        return self._loaded
-
-    def rows(self):
-        return self._rows
-
-    def query_rows(self):
-        return self._queries
-
-    def encode_options(self):
-        return {
-            "task": "causal",
-            "max_length": MAX_LEN,
-            "batch_size": 3,
-            "response_only": True,
-            "label_names": None,
-        }
-
-
-def test_registered_method_scores_through_inputs(setup):
-    loaded, rows, queries = setup
+def test_registered_method_scores_through_inputs(tuned_llama):
+    loaded, rows, queries = tuned_llama
     method = get_method("mirrored")
-    scores = method.compute(FakeInputs(loaded, rows, queries), {"lr": 0.05})
+    scores = method.compute(FakeInputs(loaded, rows, queries, ENCODE), {"lr": 0.05})
     want = loop_mirrored(loaded, rows, queries, 0.05, 1, "sgd", "descent")
     assert scores.train_ids == [r["id"] for r in rows]
     np.testing.assert_allclose(scores.values, want, rtol=2e-3, atol=2e-5)
@@ -188,7 +141,7 @@ def test_registered_method_scores_through_inputs(setup):
         ({"momentum": 0.9}, "no option 'momentum'"),
     ],
 )
-def test_bad_options_raise(setup, options, match):
-    loaded, rows, queries = setup
+def test_bad_options_raise(tuned_llama, options, match):
+    loaded, rows, queries = tuned_llama
     with pytest.raises(InfscopeError, match=match):
-        get_method("mirrored").compute(FakeInputs(loaded, rows, queries), options)
+        get_method("mirrored").compute(FakeInputs(loaded, rows, queries, ENCODE), options)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import ALPACA_ROWS
 from infscope.data.formatting import format_prompt
 from infscope.errors import InfscopeError
 from infscope.estimators.pair import (
@@ -31,28 +32,9 @@ from infscope.estimators.pair import (
 from infscope.models.encode import batches, encode_rows
 from infscope.models.loss import forward_losses
 from infscope.models.pair_losses import EMPTY, pair_losses, prompt_embeddings
-from infscope.models.registry import load_model
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return load_model("tiny-llama")
-
-
-@pytest.fixture(scope="module")
-def bert():
-    return load_model("tiny-bert", task="classification", num_labels=3)
-
 
 ROWS = [
-    {
-        "id": "a",
-        "instruction": "Rewrite the sentence in past tense.",
-        "input": "The cat runs.",
-        "output": "The cat ran.",
-    },
-    {"id": "b", "instruction": "Say hello.", "input": "", "output": "Hello there, my friend!"},
-    {"id": "c", "instruction": "Count to three.", "input": "", "output": "1 2 3"},
+    *ALPACA_ROWS,
     {"id": "d", "instruction": "Name a color.", "input": "", "output": "Blue is a color of the sky and sea."},
     {"id": "e", "instruction": "Translate to French.", "input": "good day", "output": "bonjour"},
     {"id": "f", "instruction": "List two animals.", "input": "", "output": "dog, cat"},

@@ -10,35 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from infscope.data.builtin import make_builtin
+from conftest import FakeInputs
 from infscope.errors import InfscopeError
 from infscope.estimators.mirrored import mirrored_values
 from infscope.estimators.registry import get_method
 from infscope.estimators.repsim import cosine_matrix, repsim_values
 from infscope.estimators.tracin_we import tracin_we_values
 from infscope.models.encode import encode_rows
-from infscope.models.lora import attach_lora, load_adapter
+from infscope.models.lora import load_adapter
 from infscope.models.registry import load_model
 from infscope.pipeline import PipelineConfig, run_pipeline
 from infscope.scoring import score_run
 
 MAX_LEN = 64
 ENCODE = {"task": "causal", "max_length": MAX_LEN, "batch_size": 4, "response_only": True}
-
-
-@pytest.fixture(scope="module")
-def setup():
-    loaded = load_model("tiny-llama", seed=0)
-    attach_lora(loaded, seed=0)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in loaded.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-    loaded.model.requires_grad_(False)
-    loaded.model.eval()
-    split = make_builtin("sentence_transform", seed=0, n_classes=3, per_class=4, n_test_per_class=1)
-    return loaded, split.train, split.test
 
 
 def loop_repsim(model, tokenizer, rows, queries) -> np.ndarray:
@@ -56,8 +41,8 @@ def loop_repsim(model, tokenizer, rows, queries) -> np.ndarray:
     )
 
 
-def test_scores_match_a_per_row_loop(setup):
-    loaded, rows, queries = setup
+def test_scores_match_a_per_row_loop(tuned_llama):
+    loaded, rows, queries = tuned_llama
     want = loop_repsim(loaded.model, loaded.tokenizer, rows, queries)
     matrix = repsim_values(loaded.model, loaded.tokenizer, rows, queries, aggregate=False, **ENCODE)
     np.testing.assert_allclose(matrix, want, atol=1e-5)
@@ -72,38 +57,15 @@ def test_cosine_matrix_by_hand():
     np.testing.assert_allclose(cosine_matrix(q, t), [[1.0, 2**-0.5, 0.0], [0.0, 0.0, 0.0]])
 
 
-class FakeInputs:
-    seed, task, canary_ids = 0, "instruction", []
-
-    def __init__(self, loaded, rows, queries, aggregate=True):
-        self._loaded, self._rows, self._queries, self.aggregate = loaded, rows, queries, aggregate
-
-    @property
-    def train_ids(self):
-        return [r["id"] for r in self._rows]
-
-    def model(self, which="checkpoint"):
-        return self._loaded
-
-    def rows(self):
-        return self._rows
-
-    def query_rows(self):
-        return self._queries
-
-    def encode_options(self):
-        return {**ENCODE, "label_names": None}
-
-
-def test_registered_method(setup):
-    loaded, rows, queries = setup
+def test_registered_method(tuned_llama):
+    loaded, rows, queries = tuned_llama
     want = loop_repsim(loaded.model, loaded.tokenizer, rows, queries)
-    scores = get_method("repsim").compute(FakeInputs(loaded, rows, queries), {})
+    scores = get_method("repsim").compute(FakeInputs(loaded, rows, queries, ENCODE), {})
     np.testing.assert_allclose(scores.values, want.mean(axis=0), atol=1e-5)
-    matrix = get_method("repsim").compute(FakeInputs(loaded, rows, queries, aggregate=False), {})
+    matrix = get_method("repsim").compute(FakeInputs(loaded, rows, queries, ENCODE, aggregate=False), {})
     np.testing.assert_allclose(matrix.values, want, atol=1e-5)
     with pytest.raises(InfscopeError, match="no option"):
-        get_method("repsim").compute(FakeInputs(loaded, rows, queries), {"pool": "mean"})
+        get_method("repsim").compute(FakeInputs(loaded, rows, queries, ENCODE), {"pool": "mean"})
     with pytest.raises(InfscopeError, match="no query rows"):
         repsim_values(loaded.model, loaded.tokenizer, rows, [], **ENCODE)
 

@@ -8,32 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from infscope.data.builtin import make_builtin
+from conftest import FakeInputs
 from infscope.errors import InfscopeError
 from infscope.estimators.registry import get_method
 from infscope.estimators.tracin_we import scatter_tokens, token_scores, tracin_we_values
 from infscope.models.encode import encode_rows
-from infscope.models.lora import attach_lora
 from infscope.models.loss import token_loss
-from infscope.models.registry import load_model
 
 MAX_LEN = 64
 ENCODE = {"task": "causal", "max_length": MAX_LEN, "batch_size": 4, "response_only": True}
-
-
-@pytest.fixture(scope="module")
-def setup():
-    loaded = load_model("tiny-llama", seed=0)
-    attach_lora(loaded, seed=0)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in loaded.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-    loaded.model.requires_grad_(False)
-    loaded.model.eval()
-    split = make_builtin("sentence_transform", seed=0, n_classes=3, per_class=4, n_test_per_class=1)
-    return loaded, split.train, split.test
 
 
 def embedding_grad(loaded, row) -> tuple[list[int], torch.Tensor]:
@@ -60,28 +43,28 @@ def loop_tracin_we(loaded, rows, queries) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def reference(setup):
-    loaded, rows, queries = setup
+def reference(tuned_llama):
+    loaded, rows, queries = tuned_llama
     return loop_tracin_we(loaded, rows, queries)
 
 
-def test_mean_query_scores_match_the_loop(setup, reference):
-    loaded, rows, queries = setup
+def test_mean_query_scores_match_the_loop(tuned_llama, reference):
+    loaded, rows, queries = tuned_llama
     values, _ = tracin_we_values(loaded.model, loaded.tokenizer, rows, queries, **ENCODE)
     want = reference.mean(axis=0)
     assert np.abs(want).max() > 1e-3
     np.testing.assert_allclose(values, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
 
 
-def test_per_query_matrix_matches_the_loop(setup, reference):
-    loaded, rows, queries = setup
+def test_per_query_matrix_matches_the_loop(tuned_llama, reference):
+    loaded, rows, queries = tuned_llama
     values, _ = tracin_we_values(loaded.model, loaded.tokenizer, rows, queries, aggregate=False, **ENCODE)
     assert values.shape == (len(queries), len(rows))
     np.testing.assert_allclose(values, reference, rtol=1e-4, atol=1e-6 * np.abs(reference).max())
 
 
-def test_token_scores_split_the_row_score(setup, reference):
-    loaded, rows, queries = setup
+def test_token_scores_split_the_row_score(tuned_llama, reference):
+    loaded, rows, queries = tuned_llama
     row = rows[4]
     table = token_scores(loaded.model, loaded.tokenizer, row, queries, **ENCODE)
     ids, z_grad = embedding_grad(loaded, row)
@@ -108,32 +91,9 @@ def test_scatter_tokens_sums_positions_by_token_and_drops_others():
     assert torch.equal(out, want)
 
 
-class FakeInputs:
-    seed, task, canary_ids = 0, "instruction", []
-
-    def __init__(self, loaded, rows, queries, aggregate=True):
-        self._loaded, self._rows, self._queries, self.aggregate = loaded, rows, queries, aggregate
-
-    @property
-    def train_ids(self):
-        return [r["id"] for r in self._rows]
-
-    def model(self, which="checkpoint"):
-        return self._loaded
-
-    def rows(self):
-        return self._rows
-
-    def query_rows(self):
-        return self._queries
-
-    def encode_options(self):
-        return {**ENCODE, "label_names": None}
-
-
-def test_registered_method_and_its_top_tokens(setup, reference):
-    loaded, rows, queries = setup
-    scores = get_method("tracin_we").compute(FakeInputs(loaded, rows, queries), {"top": 3})
+def test_registered_method_and_its_top_tokens(tuned_llama, reference):
+    loaded, rows, queries = tuned_llama
+    scores = get_method("tracin_we").compute(FakeInputs(loaded, rows, queries, ENCODE), {"top": 3})
     want = reference.mean(axis=0)
     np.testing.assert_allclose(scores.values, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
     worst = scores.harmful(1)[0]
@@ -143,9 +103,9 @@ def test_registered_method_and_its_top_tokens(setup, reference):
         loaded.model, loaded.tokenizer, rows[scores.train_ids.index(worst)], queries, **ENCODE
     )
     assert tops[0][1] == pytest.approx(table["score"].iloc[0], rel=1e-4)
-    matrix = get_method("tracin_we").compute(FakeInputs(loaded, rows, queries, aggregate=False), {})
+    matrix = get_method("tracin_we").compute(FakeInputs(loaded, rows, queries, ENCODE, aggregate=False), {})
     assert matrix.is_matrix and matrix.query_ids == [q["id"] for q in queries]
     with pytest.raises(InfscopeError, match="no option"):
-        get_method("tracin_we").compute(FakeInputs(loaded, rows, queries), {"k": 2})
+        get_method("tracin_we").compute(FakeInputs(loaded, rows, queries, ENCODE), {"k": 2})
     with pytest.raises(InfscopeError, match="no query rows"):
         tracin_we_values(loaded.model, loaded.tokenizer, rows, [], **ENCODE)

@@ -8,8 +8,8 @@ model to 1e-6, and a warm cache must keep the bottom layer from running at all.
 from __future__ import annotations
 
 import pytest
-import torch
 
+from conftest import tuned_tiny_llama
 from infscope.data.builtin import make_builtin
 from infscope.grads.kfac import collect_kfac_factors, prefix_depth
 from infscope.models.config import LoraSpec
@@ -19,25 +19,9 @@ from infscope.models.prefix import PrefixStates, decoder_stack
 TOL = 1e-6
 
 
-def _model(layers: str | None):
-    from infscope.models.lora import attach_lora
-    from infscope.models.registry import load_model
-
-    loaded = load_model("tiny-llama", seed=0)
-    attach_lora(loaded, LoraSpec(r=4, layers=layers), seed=0)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in loaded.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-    loaded.model.requires_grad_(False)
-    loaded.model.eval()
-    return loaded
-
-
 @pytest.fixture(scope="module")
 def setup():
-    loaded = _model("top:1")
+    loaded = tuned_tiny_llama(LoraSpec(r=4, layers="top:1"), seed=3)
     split = make_builtin("sentence_transform", seed=0, n_classes=3, per_class=4, n_test_per_class=1)
     enc = encode_rows(list(split.train), loaded.tokenizer, task="causal", max_length=128)
     assert len(set(enc.lengths.tolist())) > 1  # padded batches
@@ -114,7 +98,7 @@ def test_a_shared_warm_cache_skips_the_bottom_layer(setup):
 
 
 def test_lora_on_every_layer_runs_the_whole_model():
-    loaded = _model(None)
+    loaded = tuned_tiny_llama(LoraSpec(r=4), seed=3)
     split = make_builtin("sentence_transform", seed=0, n_classes=2, per_class=2, n_test_per_class=1)
     enc = encode_rows(list(split.train), loaded.tokenizer, task="causal", max_length=48)
     assert collect_kfac_factors(loaded.model, enc, batch_size=4).meta["prefix"] is None

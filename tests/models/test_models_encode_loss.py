@@ -7,42 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import ALPACA_ROWS
 from infscope.data.formatting import format_prompt
 from infscope.errors import InfscopeError
 from infscope.models.encode import IGNORE_INDEX, batches, encode_rows
 from infscope.models.loss import per_example_loss, token_loss
-from infscope.models.registry import load_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread, above all on a shared machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return load_model("tiny-llama")
-
-
-@pytest.fixture(scope="module")
-def bert():
-    return load_model("tiny-bert", task="classification", num_labels=3)
-
-
-ROWS = [
-    {
-        "id": "a",
-        "instruction": "Rewrite the sentence in past tense.",
-        "input": "The cat runs.",
-        "output": "The cat ran.",
-    },
-    {"id": "b", "instruction": "Say hello.", "input": "", "output": "Hello there, my friend!"},
-    {"id": "c", "instruction": "Count to three.", "input": "", "output": "1 2 3"},
-]
+ROWS = list(ALPACA_ROWS)
 
 
 def test_encode_masks_prompt_and_adds_eos(llama):

@@ -25,14 +25,6 @@ VAL = [{"id": "v0", "instruction": "Name the color of item 9.", "input": "", "ou
 CONFIG = FinetuneConfig(epochs=3, lr=5e-3, batch_size=4, lora=LoraSpec(r=4))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ft")

@@ -34,14 +34,6 @@ def _config(**kw) -> FinetuneConfig:
     return FinetuneConfig(epochs=2, lr=5e-3, batch_size=8, lora=LoraSpec(r=4), **kw)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("inrun")

@@ -10,14 +10,6 @@ from infscope.models.lora import LoraSpec, attach_lora, head_names, load_adapter
 from infscope.models.registry import load_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _state(model) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 

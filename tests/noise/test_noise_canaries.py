@@ -9,49 +9,12 @@ import re
 import numpy as np
 import pytest
 
+from conftest import instruction_rows
 from infscope.data.formatting import format_text
 from infscope.data.manifest import MANIFEST_FIELDS
 from infscope.errors import InfscopeError
 from infscope.noise.canaries import _canary_ids, canary_mask, make_canaries, noise_seed
 from infscope.noise.registry import all_operators
-
-WORDS = [
-    "the",
-    "cat",
-    "is",
-    "on",
-    "a",
-    "mat",
-    "and",
-    "it",
-    "was",
-    "happy",
-    "because",
-    "people",
-    "receive",
-    "letters",
-    "with",
-    "care",
-]
-
-
-def instruction_rows(n: int = 80, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        row = {
-            "id": f"row-{i:03d}",
-            "instruction": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))).capitalize() + ".",
-            "input": "" if i % 3 else "Some context here.",
-            "output": " ".join(
-                " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 10))).capitalize() + "."
-                for _ in range(rng.randint(1, 3))
-            ),
-            "class": i % 4,
-        }
-        row["text"] = format_text(row)
-        rows.append(row)
-    return rows
 
 
 def classification_rows(n: int = 60, k: int = 3) -> list[dict]:

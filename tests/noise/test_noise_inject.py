@@ -8,49 +8,17 @@ import random
 
 import pytest
 
+from conftest import instruction_rows as word_rows
 from infscope.data.formatting import format_text
 from infscope.errors import InfscopeError
 from infscope.noise.inject import inject_noise
 
-WORDS = [
-    "the",
-    "cat",
-    "is",
-    "on",
-    "a",
-    "mat",
-    "and",
-    "it",
-    "was",
-    "happy",
-    "because",
-    "people",
-    "receive",
-    "letters",
-    "with",
-    "care",
-]
-
 
 def instruction_rows(n: int = 200, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        instruction = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 20))).capitalize() + "."
-        output = " ".join(
-            " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "."
-            for _ in range(rng.randint(1, 4))
-        )
-        row = {
-            "id": f"row-{i:04d}",
-            "instruction": instruction,
-            "input": "" if i % 3 else "Some context here.",
-            "output": output,
-        }
-        row["class"] = i % 4
-        row["text"] = format_text(row)
-        rows.append(row)
-    return rows
+    """Longer rows than the shared default: instructions of up to 20 words, up to 4 output sentences."""
+    return word_rows(
+        n, seed, id_digits=4, instruction_words=(3, 20), output_words=(4, 12), output_sentences=(1, 4)
+    )
 
 
 def classification_rows(n: int = 120, k: int = 3) -> list[dict]:

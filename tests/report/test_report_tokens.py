@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
+from conftest import FakeInputs, tuned_tiny_llama
 from infscope.data.builtin import make_builtin
 from infscope.data.formatting import INSTRUCTION_HEADER, format_prompt
 from infscope.estimators.registry import get_method
@@ -33,47 +33,13 @@ EVIL = '<script>alert("x")</script> & "done"'
 FIELDS = ("instruction", "input", "output")
 
 
-class FakeInputs:
-    seed, task, canary_ids, aggregate = 0, "instruction", [], True
-
-    def __init__(self, loaded, rows, queries):
-        self._loaded, self._rows, self._queries = loaded, rows, queries
-
-    @property
-    def train_ids(self):
-        return [r["id"] for r in self._rows]
-
-    def model(self, which="checkpoint"):
-        return self._loaded
-
-    def rows(self):
-        return self._rows
-
-    def query_rows(self):
-        return self._queries
-
-    def encode_options(self):
-        return {**ENCODE, "label_names": None}
-
-
 @pytest.fixture(scope="module")
 def scored():
-    from infscope.models.lora import attach_lora
-    from infscope.models.registry import load_model
-
-    loaded = load_model("tiny-llama", seed=0)
-    attach_lora(loaded, seed=0)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in loaded.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-    loaded.model.requires_grad_(False)
-    loaded.model.eval()
+    loaded = tuned_tiny_llama()
     split = make_builtin("sentence_transform", seed=0, n_classes=3, per_class=3, n_test_per_class=1)
     rows = [dict(r) for r in split.train]
     rows[1]["output"] = f"{rows[1]['output']} {EVIL}"
-    scores = get_method("tracin_we").compute(FakeInputs(loaded, rows, split.test), {"top": TOP})
+    scores = get_method("tracin_we").compute(FakeInputs(loaded, rows, split.test, ENCODE), {"top": TOP})
     return loaded, rows, split.test, scores
 
 
