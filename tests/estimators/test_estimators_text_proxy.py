@@ -99,6 +99,9 @@ def test_label_names_map_string_labels() -> None:
     by_name = text_proxy.text_oof_scores(rows, ["libs", "python", "games"], k=3, c=10.0, seed=0)
     by_index = text_proxy.text_oof_scores(_rows(), None, k=3, c=10.0, seed=0)
     np.testing.assert_allclose(by_name, by_index, atol=1e-8)
+    # integer labels with named classes (how built-in classification data comes): indices as given
+    named_ints = text_proxy.text_oof_scores(_rows(), ["libs", "python", "games"], k=3, c=10.0, seed=0)
+    np.testing.assert_allclose(named_ints, by_index, atol=1e-8)
 
 
 def test_bad_input_is_one_line() -> None:
@@ -107,7 +110,7 @@ def test_bad_input_is_one_line() -> None:
     assert "\n" not in str(err.value)
     rows = _rows(1)
     del rows[2]["label"]
-    with pytest.raises(InfscopeError, match="label on every row"):
+    with pytest.raises(InfscopeError, match="no valid label"):
         text_proxy.text_oof_scores(rows, None, k=2, c=1.0, seed=0)
     with pytest.raises(InfscopeError, match="positive"):
         text_proxy.text_oof_scores(_rows(1), None, k=2, c=0.0, seed=0)

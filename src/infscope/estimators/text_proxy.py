@@ -35,7 +35,7 @@ from infscope.estimators.method import Method, check_options
 from infscope.estimators.out_of_fold import fold_of
 from infscope.estimators.scores import Scores
 from infscope.models.embed import mean_hidden_states
-from infscope.models.encode import encode_rows
+from infscope.models.encode import encode_rows, label_indices
 from infscope.noise.rng import stable_hash
 
 #: Hashed feature space (words and character n-grams share it); collisions are rare at this size.
@@ -195,19 +195,10 @@ def _remapped(x: torch.Tensor, remap: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def _label_positions(rows: Sequence[dict], label_names: Sequence[Any] | None) -> tuple[np.ndarray, int]:
-    values = [r.get("label") for r in rows]
-    if any(v is None for v in values):
-        raise InfscopeError("text_oof needs a label on every row; fix the rows without one (or use oof_loss)")
-    names = list(label_names) if label_names is not None else sorted({v for v in values}, key=str)
-    lookup = {name: i for i, name in enumerate(names)}
-    lookup.update({str(name): i for i, name in enumerate(names)})
-    try:
-        positions = [lookup[v] if v in lookup else lookup[str(v)] for v in values]
-    except (KeyError, TypeError) as exc:
-        raise InfscopeError(
-            "text_oof needs a label on every row; fix the rows without one (or use oof_loss)"
-        ) from exc
-    return np.asarray(positions, dtype=np.int64), max(len(names), max(positions, default=0) + 1)
+    """Class indices as fine-tuning reads them, and the number of classes."""
+    positions = np.asarray(label_indices(rows, label_names), dtype=np.int64)
+    n_classes = len(label_names) if label_names is not None else 0
+    return positions, max(n_classes, int(positions.max(initial=-1)) + 1)
 
 
 def text_oof_scores(

@@ -290,7 +290,8 @@ def _encode_causal(
     return input_ids, labels, [str(r["id"]) for r in rows if str(r["id"]) in truncated]
 
 
-def _label_index(rows: Sequence[dict[str, Any]], label_names: Sequence[Any] | None) -> list[int]:
+def label_indices(rows: Sequence[dict[str, Any]], label_names: Sequence[Any] | None) -> list[int]:
+    """Each row's class index: a name looked up in ``label_names``, or an int ``0..K-1`` as given."""
     lookup = {name: i for i, name in enumerate(label_names)} if label_names is not None else None
     out, bad = [], []
     for r in rows:
@@ -327,7 +328,7 @@ def _encode_classification(
         full = tokenizer(texts, add_special_tokens=True)["input_ids"]
         enc = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
     truncated = [str(r["id"]) for r, a, b in zip(rows, full, enc, strict=True) if len(a) != len(b)]
-    return [list(e) for e in enc], _label_index(rows, label_names), truncated
+    return [list(e) for e in enc], label_indices(rows, label_names), truncated
 
 
 def encode_rows(
