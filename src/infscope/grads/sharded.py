@@ -4,11 +4,13 @@ Under ``torchrun`` every rank runs the gradient hooks on one contiguous range of
 (:func:`~infscope.grads.distributed.shard_range`); outside it (a world of one) both functions are
 exactly their single-process counterparts.
 
-- :func:`collect_to_store_sharded`: the ranges are whole store shards. Each rank collects its range
-  into a resumable store of its own beside the target (``<name>.rank-R``, made by
-  :func:`~infscope.grads.store.collect_to_store`); after a barrier rank 0 moves the shard files into
-  the target store under their global shard numbers and writes its index. The target is laid out
-  exactly as a one-process store with the same ``shard_rows``.
+- :func:`collect_to_store_sharded`: the ranges are whole store shards. Each rank collects its share
+  of the shards still to write into a resumable store of its own beside the target (``<name>.rank-R``,
+  made by :func:`~infscope.grads.store.collect_to_store`); after a barrier rank 0 moves the shard
+  files into the target store under their global shard numbers and writes its index. The target is
+  laid out exactly as a one-process store with the same ``shard_rows``; a target already there with
+  the same contents keeps its own ``shard_rows`` (whatever process count wrote it) and is reused when
+  complete or finished when not.
 - :func:`stream_scores_sharded`: the passes of :func:`~infscope.grads.streaming.stream_scores` on
   each rank's rows, with the cross-row sums (each block's squared norms for the damping, DataInf's
   weighted sum ``s_b``) all-reduced between passes and the per-row numbers gathered at the end. The
@@ -24,6 +26,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,8 +42,15 @@ from infscope.grads.distributed import (
     shard_range,
     world_size,
 )
-from infscope.grads.hooks import BatchSizer, PerExampleGradients, iter_gradients, model_fingerprint
-from infscope.grads.store import INDEX_FILE, RUNTIME_META, SHARD_DIR, GradientStore, collect_to_store
+from infscope.grads.hooks import BatchSizer, PerExampleGradients, iter_gradients
+from infscope.grads.store import (
+    INDEX_FILE,
+    RUNTIME_META,
+    SHARD_DIR,
+    GradientStore,
+    collect_to_store,
+    store_contents,
+)
 from infscope.grads.streaming import (
     DATAINF,
     METHODS,
@@ -74,11 +84,33 @@ def row_slice(source: RowSource, start: int, stop: int) -> RowSource:
     return RowSource(columns, ids=source.ids[start:stop], pad_id=source.pad_id)
 
 
+def row_subset(source: RowSource, positions: Sequence[int]) -> RowSource:
+    """The rows at ``positions`` (in that order) of an addressable row source, as one of their own."""
+    picked = list(positions)
+    index = torch.as_tensor(picked, dtype=torch.long)
+
+    def take(column: Any) -> Any:
+        if isinstance(column, torch.Tensor):
+            return column[index]
+        if isinstance(column, np.ndarray):
+            return column[index.numpy()]
+        return [column[i] for i in picked]
+
+    columns = {name: take(column) for name, column in source.columns.items()}
+    return RowSource(columns, ids=[source.ids[i] for i in picked], pad_id=source.pad_id)
+
+
 def rank_rows(n_rows: int, shard_rows: int, rank_: int, world: int) -> tuple[int, int]:
     """Rows ``[start, stop)`` of ``rank_``: a contiguous run of whole shards of ``shard_rows`` rows."""
     n_shards = max(1, math.ceil(n_rows / shard_rows))
     first, last = shard_range(n_shards, rank_, world)
     return min(first * shard_rows, n_rows), min(last * shard_rows, n_rows)
+
+
+def rank_shards(todo: Sequence[int], rank_: int, world: int) -> list[int]:
+    """The shards (of those still ``todo``, in order) that rank ``rank_`` collects: a balanced contiguous share."""
+    first, last = shard_range(len(todo), rank_, world)
+    return list(todo[first:last])
 
 
 def part_path(store_path: Path, rank_: int) -> Path:
@@ -100,25 +132,39 @@ def collect_to_store_sharded(
 
     ``shard_rows`` defaults to :func:`shard_rows_for` (256 once there are enough rows). Other keyword
     arguments go to ``collect_to_store`` (layers, block_by, batch_size, dtype, projection, meta...).
-    Every rank must call it; rank 0 returns the complete store, the others ``None``. A complete target
-    made from the same adapter is reused without running the model.
+    Every rank must call it; rank 0 returns the complete store, the others ``None``.
+
+    A store already at the target with the same contents (ids, blocks, dtype, meta: adapter, layers,
+    block grouping, projection) is kept in its own shard layout, whatever process count wrote it:
+    complete, it is reused without running the model; incomplete (or with shard files deleted), only
+    its missing shards are collected, shared among the ranks. One with other contents is refused
+    with the fix, unless ``overwrite``.
     """
     path = Path(store_path)
     source = as_row_source(data, ids)
     if source is None:
         raise InfscopeError("sharded collection splits rows by position; pass encoded columns or rows")
     world, me = world_size(), rank()
-    shard_rows = int(shard_rows or shard_rows_for(source.n, world))
+    existing = None if overwrite else _existing(path)
+    shard_rows = (
+        existing.shard_rows if existing is not None else int(shard_rows or shard_rows_for(source.n, world))
+    )
     if not is_distributed():
         return collect_to_store(model, source, path, shard_rows=shard_rows, overwrite=overwrite, **kwargs)
-    if _reusable(model, path, kwargs.get("layers"), overwrite):
+    if existing is not None:
+        _check_contents(model, existing, source.ids, kwargs)
+        todo = existing.missing_shards()
+    else:
+        todo = list(range(max(1, math.ceil(source.n / shard_rows))))
+    if not todo:
         barrier()
         return GradientStore.open(path) if is_main() else None
-    start, stop = rank_rows(source.n, shard_rows, me, world)
-    if stop > start:
+    mine = rank_shards(todo, me, world)
+    if mine:
+        rows = [i for k in mine for i in range(k * shard_rows, min((k + 1) * shard_rows, source.n))]
         collect_to_store(
             model,
-            row_slice(source, start, stop),
+            row_subset(source, rows),
             part_path(path, me),
             shard_rows=shard_rows,
             overwrite=True,  # a part left by an interrupted run of other settings is replaced
@@ -127,33 +173,50 @@ def collect_to_store_sharded(
     barrier()
     store = None
     if is_main():
-        store = _merge(path, source.ids, shard_rows, world, overwrite)
+        store = _merge(path, source.ids, shard_rows, todo, world, overwrite)
     barrier()
     return store
 
 
-def _reusable(model: nn.Module, path: Path, layers: Any, overwrite: bool) -> bool:
-    """Whether a complete store of this adapter is already at ``path`` (checked the same on every rank)."""
-    if overwrite or not (path / INDEX_FILE).is_file():
-        return False
-    store = GradientStore.open(path)
-    if not store.is_complete:
-        return False
-    if store.meta.get("fingerprint") != model_fingerprint(model, layers or store.meta.get("layers")):
+def _existing(path: Path) -> GradientStore | None:
+    """The store at ``path`` (shards whose files went missing flagged as such), or ``None``.
+
+    Rank 0 rechecks the files and saves the index; the other ranks read it after a barrier, so every
+    rank sees the same shards missing.
+    """
+    there = (path / INDEX_FILE).is_file()
+    if there and is_main():
+        GradientStore.open(path).recheck()
+    barrier()
+    return GradientStore.open(path) if there else None
+
+
+def _check_contents(model: nn.Module, store: GradientStore, ids: Sequence[str], options: Mapping) -> None:
+    """Refuse an existing target that holds other gradients than this collection would write."""
+    contents = store_contents(
+        model,
+        layers=options.get("layers"),
+        block_by=options.get("block_by", "matrix"),
+        projection=options.get("projection"),
+        meta=options.get("meta"),
+    )
+    differ = store.differences(ids, contents.dims, options.get("dtype", "float32"), contents.meta)
+    if differ:
         raise InfscopeError(
-            f"gradient store {path} was made from another adapter; pass overwrite=True (--overwrite) "
-            "to replace it or choose another path"
+            f"gradient store {store.path} was made with other {', '.join(differ)}; delete it, pass "
+            "overwrite=True (--overwrite) to replace it, or choose another path"
         )
-    return True
 
 
-def _merge(path: Path, ids: Sequence[str], shard_rows: int, world: int, overwrite: bool) -> GradientStore:
-    """Rank 0: move every rank's shard files into the target store under global shard numbers."""
+def _merge(
+    path: Path, ids: Sequence[str], shard_rows: int, todo: Sequence[int], world: int, overwrite: bool
+) -> GradientStore:
+    """Rank 0: move every rank's shard files into the target store under their global shard numbers."""
     parts = []
     for r in range(world):
-        start, stop = rank_rows(len(ids), shard_rows, r, world)
-        if stop > start:
-            parts.append((GradientStore.open(part_path(path, r)), start // shard_rows))
+        shards = rank_shards(todo, r, world)
+        if shards:
+            parts.append((GradientStore.open(part_path(path, r)), shards))
     first = parts[0][0]
     meta = {k: v for k, v in first.meta.items() if k not in RUNTIME_META}
     store = GradientStore.create(
@@ -166,17 +229,19 @@ def _merge(path: Path, ids: Sequence[str], shard_rows: int, world: int, overwrit
         overwrite=overwrite,
         param_shapes=first.param_shapes,
     )
-    for part, offset in parts:
-        if not part.is_complete:
+    for part, shards in parts:
+        if not part.is_complete or part.n_shards != len(shards):
             raise InfscopeError(f"gradient part {part.path} is incomplete; rerun the same torchrun to resume")
         for file in sorted((part.path / SHARD_DIR).glob("*.npy")):
             match = _SHARD_FILE.match(file.name)
             if match is None:
                 continue
-            global_shard = int(match["shard"]) + offset
-            target = path / SHARD_DIR / f"{match['stem']}-s{global_shard:05d}{match['suffix']}.npy"
+            target = (
+                path / SHARD_DIR / f"{match['stem']}-s{shards[int(match['shard'])]:05d}{match['suffix']}.npy"
+            )
             file.replace(target)
-    store.mark_complete()  # the files were written (atomically) by the parts' own collections
+    # the files were written (atomically) by the parts' own collections
+    store.mark_complete([k for _, shards in parts for k in shards])
     store.set_runtime_meta(batch_size_used=min(int(p.meta.get("batch_size_used", 0)) for p, _ in parts))
     for part, _ in parts:
         shutil.rmtree(part.path, ignore_errors=True)

@@ -17,7 +17,10 @@ are kept in ``...-scale.npy`` beside the shard: rounding is then relative to eac
 
 ``meta`` records what the gradients depend on (adapter fingerprint, layers, block grouping,
 projection). Creating a store over an existing one with other ids, blocks, dtype or meta is
-refused unless ``overwrite=True``, so gradients of different models never mix.
+refused unless ``overwrite=True``, so gradients of different models never mix. How rows are cut into
+shards is layout, not content: :func:`collect_to_store` keeps an existing store's ``shard_rows`` (a
+store written by several processes, or by one, is reused or resumed by the other), and
+:meth:`GradientStore.recheck` flags shards whose files went missing so that they are collected again.
 """
 
 from __future__ import annotations
@@ -27,13 +30,22 @@ import math
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from infscope.errors import InfscopeError
+from infscope.grads.batching import as_row_source
+from infscope.grads.hooks import (
+    BatchSizer,
+    PerExampleGradients,
+    iter_gradients,
+    model_fingerprint,
+    row_progress,
+)
+from infscope.grads.plan import check_plan, scoring_bytes
 from infscope.runs import atomic_path, atomic_write_json
 
 INDEX_FILE = "index.json"
@@ -42,6 +54,8 @@ FORMAT = "infscope-gradient-store"
 VERSION = 1
 # Meta keys that describe how a collection ran, not what the gradients are: never a mismatch on resume.
 RUNTIME_META = ("batch_size_used",)
+#: Index fields that say what a store holds; a store is reused or resumed only when all of them agree.
+CONTENT_KEYS = ("ids", "blocks", "dtype", "meta")
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -157,17 +171,13 @@ class GradientStore:
         }
         if (path / INDEX_FILE).exists():
             existing = cls.open(path)
-            differ = [
-                key
-                for key in ("ids", "blocks", "dtype", "shard_rows", "meta")
-                if _comparable(key, existing._index[key]) != _comparable(key, index[key])
-            ]
+            differ = existing._differences(index, CONTENT_KEYS + ("shard_rows",))
             if not differ:
                 return existing
             if not overwrite:
                 raise InfscopeError(
-                    f"gradient store {path} was made with other {', '.join(differ)}; "
-                    "pass overwrite=True (--overwrite) to replace it or choose another path"
+                    f"gradient store {path} was made with other {', '.join(differ)}; delete it, "
+                    "pass overwrite=True (--overwrite) to replace it, or choose another path"
                 )
             shutil.rmtree(path)
         elif path.exists() and any(path.iterdir()):
@@ -213,6 +223,56 @@ class GradientStore:
 
     def _save_index(self) -> None:
         atomic_write_json(self.path / INDEX_FILE, self._index)
+
+    def _differences(self, index: Mapping[str, Any], keys: Sequence[str]) -> list[str]:
+        return [key for key in keys if _comparable(key, self._index[key]) != _comparable(key, index[key])]
+
+    def differences(
+        self,
+        ids: Sequence[str],
+        block_dims: Mapping[str, int],
+        dtype: str | torch.dtype,
+        meta: Mapping[str, Any] | None = None,
+    ) -> list[str]:
+        """The index fields (of :data:`CONTENT_KEYS`) in which this store differs from the one described.
+
+        ``shard_rows`` is not compared: it says how the rows were cut into files, not what they hold.
+        An empty list means the store holds (or, incomplete, is filling) exactly these gradients.
+        """
+        wanted = {
+            "ids": [str(i) for i in ids],
+            "blocks": [{"name": str(k), "dim": int(v)} for k, v in block_dims.items()],
+            "dtype": dtype_name(dtype),
+            "meta": _json_roundtrip(dict(meta or {})),
+        }
+        return self._differences(wanted, CONTENT_KEYS)
+
+    def recheck(self) -> list[int]:
+        """Flag as missing every shard flagged complete whose files are gone; return those shards.
+
+        One directory listing, not a read of the data: a shard counts as present when each block's
+        file (and its ``-scale`` file for float16) exists, and its losses file when the store has any.
+        """
+        folder = self.path / SHARD_DIR
+        present = {f.name for f in folder.iterdir()} if folder.is_dir() else set()
+        with_losses = any(name.startswith("loss-") for name in present)
+        suffixes = ("", "-scale") if self.dtype == "float16" else ("",)
+        lost = []
+        for shard, done in enumerate(self._index["complete"]):
+            if not done:
+                continue
+            names = [
+                self._file(pos, shard, sfx).name for pos in range(len(self.block_names)) for sfx in suffixes
+            ]
+            if with_losses:
+                names.append(self._file("loss", shard).name)
+            if not present.issuperset(names):
+                lost.append(shard)
+        if lost:
+            for shard in lost:
+                self._index["complete"][shard] = False
+            self._save_index()
+        return lost
 
     # -- GradientSet ----------------------------------------------------------------------------
     @property
@@ -365,6 +425,40 @@ class GradientStore:
         return np.concatenate([np.load(f) for f in files])
 
 
+class StoreContents(NamedTuple):
+    """What a collection of ``model``'s gradients would hold: block dims, index meta, layers, shapes."""
+
+    dims: dict[str, int]
+    meta: dict[str, Any]
+    layers: list[str]
+    param_shapes: dict[str, Any]
+
+
+def store_contents(
+    model: nn.Module,
+    *,
+    layers: Sequence[str] | None = None,
+    block_by: str = "matrix",
+    projection: Any = None,
+    meta: Mapping[str, Any] | None = None,
+) -> StoreContents:
+    """The blocks and meta :func:`collect_to_store` gives a store of ``model`` (no forward pass).
+
+    Lets a caller check an existing store (:meth:`GradientStore.differences`) before running anything.
+    """
+    engine = PerExampleGradients(model, layers)
+    layout = engine.layout(block_by)
+    dims = layout.dims if projection is None else projection.out_dims(layout.dims)
+    full_meta = {
+        "fingerprint": model_fingerprint(model, engine.layer_names),
+        "layers": engine.layer_names,
+        "block_by": block_by,
+        "projection": projection.info() if projection is not None else None,
+        **dict(meta or {}),
+    }
+    return StoreContents(dict(dims), full_meta, list(engine.layer_names), engine.block_param_shapes(layout))
+
+
 def collect_to_store(
     model: nn.Module,
     data: Any,
@@ -399,16 +493,6 @@ def collect_to_store(
     it or memory cannot hold the scoring stage. On an out-of-memory failure the batch size halves
     and the batch is retried; the size finally used is kept in ``meta["batch_size_used"]``.
     """
-    from infscope.grads.batching import as_row_source
-    from infscope.grads.hooks import (
-        BatchSizer,
-        PerExampleGradients,
-        iter_gradients,
-        model_fingerprint,
-        row_progress,
-    )
-    from infscope.grads.plan import check_plan, scoring_bytes
-
     source = as_row_source(data, ids)
     if source is not None:
         row_ids = source.ids
@@ -418,17 +502,14 @@ def collect_to_store(
         raise InfscopeError(
             "pass ids= when giving ready batches to collect_to_store (the store needs the row count)"
         )
-    engine = PerExampleGradients(model, layers)
-    layout = engine.layout(block_by)
-    dims = layout.dims if projection is None else projection.out_dims(layout.dims)
-    full_meta = {
-        "fingerprint": model_fingerprint(model, engine.layer_names),
-        "layers": engine.layer_names,
-        "block_by": block_by,
-        "projection": projection.info() if projection is not None else None,
-        **dict(meta or {}),
-    }
-    if not (Path(store_path) / INDEX_FILE).exists():  # a new store: say now if disk or memory is short
+    contents = store_contents(model, layers=layers, block_by=block_by, projection=projection, meta=meta)
+    dims, full_meta = contents.dims, contents.meta
+    if (Path(store_path) / INDEX_FILE).exists():
+        if not overwrite:
+            # The shard size is layout, not content: keep the existing store's, so a store written by
+            # another process count (or another caller) is reused when complete and resumed otherwise.
+            shard_rows = GradientStore.open(store_path).shard_rows
+    else:  # a new store: say now if disk or memory is short
         itemsize = DTYPES[dtype_name(dtype)].itemsize
         check_plan(
             len(row_ids) * sum(dims.values()) * itemsize,
@@ -443,13 +524,15 @@ def collect_to_store(
         full_meta,
         shard_rows=shard_rows,
         overwrite=overwrite,
-        param_shapes=engine.block_param_shapes(layout),
+        param_shapes=contents.param_shapes,
     )
     if not resume:
         store.reset()
+    store.recheck()  # shards flagged done whose files were deleted are collected again
     missing = set(store.missing_shards())
     if not missing:
         return store
+    shard_rows = store.shard_rows
     edges = [k * shard_rows for k in range(1, store.n_shards)]
 
     def shards_of(start: int, stop: int) -> range:
@@ -462,7 +545,7 @@ def collect_to_store(
         for start, stop, blocks, losses in iter_gradients(
             model,
             source if source is not None else data,
-            layers=engine.layer_names,
+            layers=contents.layers,
             block_by=block_by,
             batch_size=batch_size,
             loss_fn=loss_fn,

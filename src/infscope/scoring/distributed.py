@@ -4,7 +4,9 @@
 rank. Store mode (the default): the checkpoint's train and query gradient stores, the base-model
 losses and the gradient record are made by all ranks together (each on its own rows,
 :mod:`infscope.grads.sharded`), then rank 0 alone calls :func:`~infscope.scoring.score_run`, which
-finds them complete and only scores, prints nothing else and saves as in one process. Stream mode
+finds them complete and only scores, prints nothing else and saves as in one process. Stores already
+complete (an earlier ``infscope score`` or torchrun, whatever its process count) are scored as they
+are; unfinished ones are finished in their own shard layout (:func:`gradients_ready`). Stream mode
 (``stream=True``): the aggregate methods (datainf, hessian_free, grad_cos, datainf_cos) are computed
 inside the gradient pass without stores (:func:`~infscope.grads.sharded.stream_scores_sharded`) and
 rank 0 saves them (:func:`score_streamed`: canaries dropped after their AUROC is kept, the
@@ -14,18 +16,30 @@ compute. Outside torchrun both run as one process.
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pandas as pd
 import torch
 
 from infscope.errors import InfscopeError
 from infscope.estimators.scores import Scores
-from infscope.grads.distributed import barrier, gather_rows, init_from_env, is_main, rank, world_size
-from infscope.grads.sharded import collect_to_store_sharded, rank_rows, shard_rows_for, stream_scores_sharded
+from infscope.grads.distributed import (
+    barrier,
+    broadcast_object,
+    gather_rows,
+    is_main,
+    rank,
+    shard_range,
+    world_size,
+)
+from infscope.grads.sharded import collect_to_store_sharded, stream_scores_sharded
+from infscope.grads.store import INDEX_FILE, GradientStore, dtype_name
 from infscope.grads.streaming import check_methods
+from infscope.models.ddp import init_from_env
 from infscope.models.lora import load_adapter
 from infscope.models.loss import per_example_loss
-from infscope.models.prefix import PrefixStates, adapter_first_layer, frozen_prefix
+from infscope.models.prefix import frozen_prefix
 from infscope.models.registry import load_spec
 from infscope.runs import ModelSpec, RunLayout, atomic_path, atomic_write_json
 from infscope.scoring import (
@@ -36,7 +50,7 @@ from infscope.scoring import (
     record_score_stage,
     score_run,
 )
-from infscope.scoring.gradients import encode_for, mean_query_gradient
+from infscope.scoring.gradients import checkpoint_prefix, encode_for, mean_query_gradient
 from infscope.scoring.inputs import MEASUREMENTS
 from infscope.scoring.run import OpenedRun, is_inrun_rule, open_run
 
@@ -62,10 +76,8 @@ def collect_gradients_sharded(
     loaded = load_spec(spec)
     enc_train = encode_for(spec, train, loaded.tokenizer)
     enc_query = encode_for(spec, query, loaded.tokenizer)
-    shard_rows = shard_rows_for(len(enc_train), world_size())
-    start, stop = rank_rows(len(enc_train), shard_rows, rank(), world_size())
-    depth = adapter_first_layer(checkpoint)
-    prefix = PrefixStates(depth) if depth else None
+    start, stop = shard_range(len(enc_train), rank(), world_size())
+    prefix = checkpoint_prefix(spec, checkpoint)  # shared by the base-model and adapter passes (and K-FAC)
     loaded.model.requires_grad_(False)
     mine = enc_train.subset(range(start, stop))
     with frozen_prefix(loaded.model, prefix):
@@ -79,7 +91,6 @@ def collect_gradients_sharded(
                 model,
                 enc,
                 layout.grads(checkpoint, name, block_by),
-                shard_rows=shard_rows if name == "train" else None,
                 batch_size=spec.batch_size,
                 dtype=grad_dtype,
                 block_by=block_by,
@@ -129,8 +140,7 @@ def streamed_scores(
     loaded.model.requires_grad_(False)
     enc_train = encode_for(spec, run.train, loaded.tokenizer)
     model = load_adapter(loaded, ckpt.path)
-    depth = adapter_first_layer(ckpt.path)
-    with frozen_prefix(model, PrefixStates(depth) if depth else None):
+    with frozen_prefix(model, checkpoint_prefix(spec, ckpt.path)):
         v = mean_query_gradient(
             model,
             spec,
@@ -244,18 +254,22 @@ def score_run_distributed(
 ) -> dict[str, Scores] | None:
     """Score ``run_dir`` with ``methods`` using every process of the torchrun; rank 0 saves and returns.
 
-    Joins the process group from the environment (a no-op outside torchrun). Other ranks return
-    ``None``. ``checkpoint`` is one checkpoint (best, last, epoch-N); ``all``/``canary`` sweeps run
-    with one process. ``stream=True`` scores through :func:`score_streamed` (no gradient store);
-    ``query`` and ``measurement`` are those of :func:`~infscope.scoring.score_run`.
+    Joins the process group from the environment (a no-op outside torchrun) with the backend of the
+    run's device. Other ranks return ``None``. ``checkpoint`` is one checkpoint (best, last, epoch-N);
+    ``all``/``canary`` sweeps run with one process. ``stream=True`` scores through
+    :func:`score_streamed` (no gradient store); ``query`` and ``measurement`` are those of
+    :func:`~infscope.scoring.score_run`. Gradients already complete at the checkpoint (from an earlier
+    ``infscope score`` or torchrun, with any process count) are scored as they are; unfinished ones
+    are finished (:func:`~infscope.grads.sharded.collect_to_store_sharded`).
     """
-    init_from_env()
+    run = run_dir if isinstance(run_dir, OpenedRun) else open_run(run_dir)
+    init_from_env(device=run.spec.device)
     names = [m.strip() for m in methods.split(",") if m.strip()]
     if checkpoint in ("all", "canary"):
         raise InfscopeError("distributed scoring takes one checkpoint; use best, last or epoch-N")
     if stream:
         return score_streamed(
-            run_dir,
+            run,
             names,
             checkpoint=checkpoint,
             batch_size=batch_size,
@@ -263,7 +277,6 @@ def score_run_distributed(
             block_by=block_by,
             measurement=measurement,
         )
-    run = open_run(run_dir)
     if batch_size:
         run.spec.batch_size = int(batch_size)
     options = dict(grad_dtype=grad_dtype, batch_size=batch_size, block_by=block_by, query=query)
@@ -276,19 +289,44 @@ def score_run_distributed(
     ckpt = run.checkpoint(checkpoint)
     stage = gradient_stage_name(ckpt, block_by)
     query_rows, query_name = query_inputs(run, query)
-    if is_main():
+    ready = broadcast_object(
+        gradients_ready(run.layout, ckpt.path, query_name, block_by, grad_dtype) if is_main() else None
+    )
+    if not ready and is_main():
         with run.dir.stage(stage) as rec:
             _collect(run, ckpt.path, block_by, grad_dtype, query_rows, query_name)
             rec.info.update(checkpoint=ckpt.path, block_by=block_by, processes=world_size())
-    else:
+    elif not ready:
         _collect(run, ckpt.path, block_by, grad_dtype, query_rows, query_name)
     if not is_main():
         return None
     return score_run(run, names, checkpoint=checkpoint, measurement=measurement, **options)
 
 
+def gradients_ready(
+    layout: RunLayout, checkpoint: str, query_name: str, block_by: str, grad_dtype: str
+) -> bool:
+    """Whether the checkpoint's train and query stores and losses are complete (rank 0 decides).
+
+    As :func:`~infscope.scoring.gradients.checkpoint_gradients` does in one process: stores made with
+    other blocks or another dtype are removed (the folder is collected again); shards whose files
+    were deleted are flagged missing (:meth:`~infscope.grads.store.GradientStore.recheck`). How the
+    stores were cut into shards does not matter.
+    """
+    paths = [layout.grads(checkpoint, name, block_by) for name in ("train", query_name)]
+    stores = [GradientStore.open(p) if (p / INDEX_FILE).is_file() else None for p in paths]
+    if any(
+        s is not None and (s.meta.get("block_by", "matrix") != block_by or s.dtype != dtype_name(grad_dtype))
+        for s in stores
+    ):
+        shutil.rmtree(layout.scoring(checkpoint, block_by))  # made with other blocks or another dtype
+        return False
+    complete = [s is not None and not s.recheck() and s.is_complete for s in stores]
+    return all(complete) and layout.losses(checkpoint, block_by).is_file()
+
+
 def _collect(
-    run, checkpoint: str, block_by: str, grad_dtype: str, query: list[dict], query_name: str
+    run: OpenedRun, checkpoint: str, block_by: str, grad_dtype: str, query: list[dict], query_name: str
 ) -> None:
     collect_gradients_sharded(
         run.spec,
