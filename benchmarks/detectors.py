@@ -737,7 +737,11 @@ def setting_table(setting: Setting, per_seed: dict[int, dict[str, dict]]) -> str
         have = [s for s in seeds if per_seed[s].get(name, {}).get("auroc") is not None]
         au = np.array([c["auroc"] for c in good])
         ap = np.array([c["ap"] for c in good])
-        gaps = [per_seed[s][name]["auroc"] - per_seed[s][baseline_name(per_seed[s])]["auroc"] for s in have]
+        gaps = [
+            per_seed[s][name]["auroc"] - per_seed[s][baseline_name(per_seed[s])]["auroc"]
+            for s in have
+            if per_seed[s].get(baseline_name(per_seed[s]), {}).get("auroc") is not None
+        ] or [float("nan")]  # no loss in this run (an error row): no gap
         sec = np.mean([c["seconds"] or 0 for c in good])
         mb = max(c["peak_mb"] or 0 for c in good)
         spread = f" ± {au.std(ddof=1):.3f}" if len(au) > 1 else ""
