@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-#: What ``--method default`` (and ``infscope demo``) scores: the influence methods, the pair-consistency
-#: detector that beats the training loss on swapped responses (benchmarks/detectors.py), and the baselines.
+#: What ``--method default`` (and ``infscope demo``) scores: the influence methods, the detectors that beat
+#: the training loss (benchmarks/detectors.py): the pair-consistency margin on instruction data, the
+#: cross-fitted probe on labels; and the baselines. Each run gets the defaults of its task.
 DEFAULT_METHODS = (
     "datainf",
     "lissa",
     "exact",
     "hessian_free",
     "xprompt",
+    "text_oof",
     "loss",
     "base_loss",
     "grad_norm",

@@ -207,8 +207,9 @@ def stage_score(run: RunDir, cfg: PipelineConfig) -> dict[str, Any]:
     from infscope.scoring import score_run
     from infscope.scoring.tables import MATRIX_SUFFIX, load_scores, save_scores
 
+    methods = methods_for_task(cfg.methods, run.record.model.task)
     if not run.done("score"):
-        scored = score_run(run.path, cfg.methods, checkpoint=cfg.checkpoint, grad_dtype=cfg.grad_dtype)
+        scored = score_run(run.path, methods, checkpoint=cfg.checkpoint, grad_dtype=cfg.grad_dtype)
         if cfg.attribution:
             from infscope.estimators.registry import get_method
             from infscope.scoring import RunInputs, open_run, score_methods
@@ -218,13 +219,21 @@ def stage_score(run: RunDir, cfg: PipelineConfig) -> dict[str, Any]:
             rule = cfg.checkpoint if cfg.checkpoint in ("best", "last") else "best"
             inputs = RunInputs(opened, opened.checkpoint(rule), opened.val, aggregate=False)
             matrices = score_methods(
-                [m for m in parse_methods(cfg.methods, inputs) if get_method(m).per_query], inputs
+                [m for m in parse_methods(methods, inputs) if get_method(m).per_query], inputs
             )
             save_scores(run.layout, matrices, suffix=MATRIX_SUFFIX)
         return {m: s for m, s in scored.items() if "@" not in m}
-    if "all" in cfg.methods:
+    if "all" in methods:
         return {m: s for m, s in load_scores(run.layout).items() if "@" not in m}
-    return {m: Scores.load(run.layout.scores(m)) for m in cfg.methods}
+    return {m: Scores.load(run.layout.scores(m)) for m in methods}
+
+
+def methods_for_task(methods: tuple[str, ...], task: str) -> list[str]:
+    """``methods`` without the *default* methods of the other task (xprompt on labels, text_oof on
+    instructions); a method the user named that does not fit still reaches scoring and its error."""
+    from infscope.estimators.registry import get_method
+
+    return [m for m in methods if m == "all" or m not in DEFAULT_METHODS or task in get_method(m).tasks]
 
 
 def stage_evaluate(

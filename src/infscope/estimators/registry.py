@@ -210,6 +210,7 @@ FUSION_POOL = (
     "el2n",
     "label_margin",
     "aum",
+    "text_oof",
 )
 
 

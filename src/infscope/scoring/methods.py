@@ -24,7 +24,8 @@ def parse_methods(
 ) -> list[str]:
     """Turn ``"datainf,loss"`` into a validated, de-duplicated list of method names.
 
-    ``default`` expands to :data:`~infscope.estimators.registry.DEFAULT_METHODS`. ``all`` expands
+    ``default`` expands to :data:`~infscope.defaults.DEFAULT_METHODS` (those of the run's task when
+    ``inputs`` is given). ``all`` expands
     to every registered method whose needs ``inputs`` can provide (every method when ``inputs`` is
     ``None``), or stays ``"all"`` with ``keep_all`` (a configuration resolved when the run exists).
     """
@@ -33,8 +34,8 @@ def parse_methods(
     for name in names:
         if name == "all" and keep_all:
             expanded = ["all"]
-        elif name == "default":
-            expanded = list(DEFAULT_METHODS)
+        elif name == "default":  # the defaults of this run's task (xprompt reads instructions, text_oof labels)
+            expanded = [m for m in DEFAULT_METHODS if inputs is None or inputs.task in get_method(m).tasks]
         elif name == "all":
             expanded = [m.name for m in METHODS.values() if inputs is None or runnable(m.name, inputs)]
         else:
