@@ -242,6 +242,21 @@ SETTINGS = {
             (0.90, None),
             "heldout_cls",
         ),
+        Setting(
+            "demo_cls_flip",
+            "the demo task's classification view (sentence_transform_cls), 20 % label flips, MiniLM 3 epochs "
+            "(text_oof fixed before these runs)",
+            {
+                "dataset": "sentence_transform_cls",
+                "noise_weights": "label_flip=1",
+                "model": "minilm",
+                "lora_layers": None,
+                "epochs": 3,
+                "max_length": 64,
+            },
+            (0.90, None),
+            "heldout_cls",
+        ),
         # canaries: 10 % extra rows corrupted with the setting's own noise type, the label-free route
         Setting(
             "demo_swap_canary",
