@@ -65,6 +65,7 @@ from infscope.estimators.pair import (
     xprompt_plan,
     xresponse_plan,
 )
+from infscope.estimators.pair import response_words as library_response_words
 from infscope.estimators.registry import FUSION_POOL, get_method
 from infscope.evaluate.metrics import auroc, average_precision
 from infscope.models.pair_losses import pair_losses, prompt_embeddings
@@ -541,6 +542,11 @@ def plans_for(
         comps["y"] = competitor_index(
             ids, kinds["resp"], competitors="nearest", embeddings=response_words(rows)
         )
+    if kinds.get("resp"):
+        # exactly what `--method xprompt` computes (the library's hashed response words, k=3, min):
+        # the label-free row, from the same cached pair losses
+        shipped = competitor_index(ids, 3, competitors="response", embeddings=library_response_words(rows))
+        plans["xprompt_default"] = xprompt_plan(shipped, aggregate="min")
     for short, comp in comps.items():
         for k in (3, 5, 8):
             if k <= comp.shape[1]:
