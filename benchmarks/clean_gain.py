@@ -140,6 +140,8 @@ def variant_name(args: argparse.Namespace) -> str:
         parts.append(f"r{args.rounds}")
     if args.select != "val":
         parts.append(f"sel-{args.select}")
+    if args.select_metric:
+        parts.append(f"by-{args.select_metric}")
     return "-".join(parts)
 
 
@@ -160,6 +162,7 @@ def _record(name: str, seed: int, method: str, action: str, variant: str, result
         "cleaned_se": best.get(f"{metric}_se"),
         "cleaned_loss": best.get("loss"),
         "cleaned_val": best.get(f"val_{metric}"),
+        "cleaned_val_loss": best.get("val_loss"),
         "stopped": result.stopped,
     }
     for b in ("noisy", "random", "oracle"):
@@ -196,6 +199,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                         lr=args.lr,
                         seed=seed,
                         select=args.select,
+                        select_metric=args.select_metric,
                         **extra,
                     )
                     out = root / "runs" / f"{name}-s{seed}" / variant / f"{method}-{action}"
@@ -232,6 +236,13 @@ def gap_closed(r: dict[str, Any]) -> float | None:
     return (r["cleaned"] - r["noisy"]) / (r["oracle"] - r["noisy"])
 
 
+def loss_gap_closed(r: dict[str, Any]) -> float | None:
+    """The same share on the test loss (lower is better; finer-grained than accuracy)."""
+    if r.get("oracle_loss") is None or r["oracle_loss"] >= r["noisy_loss"]:
+        return None
+    return (r["noisy_loss"] - r["cleaned_loss"]) / (r["noisy_loss"] - r["oracle_loss"])
+
+
 def _beats(r: dict[str, Any]) -> str:
     if r["random"] is None:
         return "-"
@@ -241,13 +252,14 @@ def _beats(r: dict[str, Any]) -> str:
     return "yes" if diff > 0 else ("tie" if diff == 0 else "no")
 
 
-def _per_seed(group: list[dict[str, Any]]) -> tuple[str, str]:
-    gaps, beats = [], []
+def _per_seed(group: list[dict[str, Any]]) -> tuple[str, str, str]:
+    gaps, loss_gaps, beats = [], [], []
     for r in sorted(group, key=lambda r: r["seed"]):
-        g = gap_closed(r)
+        g, lg = gap_closed(r), loss_gap_closed(r)
         gaps.append("-" if g is None else f"{100 * g:.0f} %")
+        loss_gaps.append("-" if lg is None else f"{100 * lg:.0f} %")
         beats.append(_beats(r))
-    return " / ".join(gaps), " / ".join(beats)
+    return " / ".join(gaps), " / ".join(loss_gaps), " / ".join(beats)
 
 
 def auto_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -259,9 +271,9 @@ def auto_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     keys = sorted({(r["setting"], r["variant"], r["seed"]) for r in records})
     for setting, variant, seed in keys:
         group = [r for r in records if (r["setting"], r["variant"], r["seed"]) == (setting, variant, seed)]
-        if len(group) < 2 or any(r.get("cleaned_val") is None for r in group):
+        if len(group) < 2 or any(r.get("cleaned_val_loss") is None for r in group):
             continue
-        best = max(group, key=lambda r: (r["cleaned_val"], -(r.get("cleaned_loss") or 0)))
+        best = max(group, key=lambda r: (r["cleaned_val"], -r["cleaned_val_loss"]))
         out.append(
             {**best, "method": "auto", "action": "by val", "chosen": f"{best['action']}+{best['method']}"}
         )
@@ -276,8 +288,8 @@ def markdown(records: list[dict[str, Any]], user: tuple[str, str] | None = None)
     lines = [
         "| setting | variant | action | method | role | noisy | random | oracle | cleaned | "
         "test loss noisy -> cleaned | se | kept round | rows changed | gap closed per seed | "
-        "beats random per seed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "loss gap closed per seed | beats random per seed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple, list] = {}
     for r in records:
@@ -290,13 +302,13 @@ def markdown(records: list[dict[str, Any]], user: tuple[str, str] | None = None)
             role = "user (fixed)" if user == (action, method) else "oracle row"
         cells = [_cell([r[c] for r in group]) for c in ("noisy", "random", "oracle", "cleaned")]
         loss = f"{_cell([r['noisy_loss'] for r in group])} -> {_cell([r['cleaned_loss'] for r in group])}"
-        gaps, beats = _per_seed(group)
+        gaps, loss_gaps, beats = _per_seed(group)
         lines.append(
             f"| {setting} | {variant} | {action} | {method} | {role} | "
             + " | ".join(cells)
             + f" | {loss} | {_cell([r['cleaned_se'] for r in group])}"
             + f" | {'/'.join(str(r['kept_round']) for r in sorted(group, key=lambda r: r['seed']))}"
-            + f" | {_cell([float(r['rows_changed']) for r in group], 0)} | {gaps} | {beats} |"
+            + f" | {_cell([float(r['rows_changed']) for r in group], 0)} | {gaps} | {loss_gaps} | {beats} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -316,6 +328,7 @@ def main() -> None:
     parser.add_argument("--strength", type=float, default=1.0, help="reweight's a.")
     parser.add_argument("--margin", type=float, default=0.5, help="relabel's margin in nats.")
     parser.add_argument("--select", default="val", choices=["val", "test"])
+    parser.add_argument("--select-metric", default=None, help="Metric that keeps rounds (e.g. loss).")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--max-length", type=int, default=128)

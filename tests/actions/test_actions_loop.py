@@ -111,13 +111,14 @@ def test_best_round_by_metric_then_loss_then_earlier_round():
 def test_select_val_keeps_the_round_validation_prefers_and_reuse_trains_nothing_twice(
     files, tmp_path, monkeypatch
 ):
-    """Validation and test disagree by construction: val picks round 2, test picks round 1."""
-    test_acc, val_acc = iter([0.5, 0.9, 0.6]), iter([0.5, 0.6, 0.8])
+    """Validation and test disagree by construction: val picks round 2, test picks round 1, and the
+    validation loss (``select_metric="loss"``) round 1."""
+    test_acc, val_acc, val_loss = iter([0.5, 0.9, 0.6]), iter([0.5, 0.6, 0.8]), iter([1.0, 0.5, 0.7])
 
     def fake(loaded, rows, **kwargs):
         is_val = [r["id"] for r in rows] == [json.loads(line)["id"] for line in (files / "val.jsonl").open()]
         value = next(val_acc if is_val else test_acc)
-        return {"loss": 1.0 - value, "accuracy": value}
+        return {"loss": next(val_loss) if is_val else 1.0 - value, "accuracy": value}
 
     monkeypatch.setattr(loop_module, "test_metrics", fake)
     reuse = tmp_path / "reuse"
@@ -134,6 +135,10 @@ def test_select_val_keeps_the_round_validation_prefers_and_reuse_trains_nothing_
     by_test = run_clean(_config(files, baselines=False, select="test"), tmp_path / "test", reuse=reuse)
     assert [row["accuracy"] for row in by_test.table] == [0.5, 0.9, 0.6]  # the same rounds, copied
     assert by_test.best_round == 1 and by_test.report["select"] == "test"
+    by_loss = run_clean(_config(files, baselines=False, select_metric="loss"), tmp_path / "loss", reuse=reuse)
+    assert [row["val_loss"] for row in by_loss.table] == [1.0, 0.5, 0.7]
+    assert by_loss.best_round == 1 and by_loss.report["selected_by"] == "validation loss"
+    assert [row["gain"] for row in by_loss.table[1:]] == pytest.approx([0.5, -0.2])  # lower loss is a gain
     for r in range(3):  # the copies point at their own checkpoints
         text = (tmp_path / "test" / "rounds" / f"round-{r}" / "finetune" / "checkpoints.json").read_text()
         assert str(tmp_path / "val") not in text and str(tmp_path / "test") in text
@@ -192,6 +197,7 @@ def test_resume_after_an_interruption_in_round_2(files, finished, tmp_path, monk
         (["--rounds", "0"], "--rounds 0"),
         (["--k", "0"], "0 rows"),
         (["--select", "best"], "--select 'best' is not val or test"),
+        (["--select-metric", "exact_match"], "not measured on this data"),
     ],
 )
 def test_bad_inputs_exit_2_and_write_nothing(files, tmp_path, capsys, args, message):

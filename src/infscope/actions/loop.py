@@ -79,6 +79,8 @@ from infscope.runs import (
 REPORT_CHANGES = 200
 #: What ``--select`` may pick rounds by: the validation rows (honest) or the test rows (optimistic).
 SELECT = ("val", "test")
+#: Metrics rounds may be compared by (``exact_match`` only where answers are numbers).
+SELECT_METRICS = ("loss", "accuracy", "exact_match")
 #: Prefix of the validation metrics in a round's metrics (``val_accuracy``, ``val_loss``).
 VAL = "val_"
 
@@ -90,7 +92,9 @@ class CleanConfig:
     ``k`` is the per-round budget (:class:`~infscope.actions.flagging.Budget`); ``strength`` is
     reweight's ``a``; ``margin`` relabel's confidence margin in nats; ``expert`` repair's expert
     spec (``local:MODEL`` or ``openai:URL#MODEL``); ``select`` whether rounds are kept and stopped
-    by the validation (``val``) or the test (``test``) metric. Fine-tuning settings mirror
+    by the validation (``val``) or the test (``test``) metric, and ``select_metric`` which metric
+    (default: the task's primary one, accuracy or exact match; ``loss`` is finer-grained on a small
+    validation set). Fine-tuning settings mirror
     ``infscope demo``.
     """
 
@@ -122,6 +126,7 @@ class CleanConfig:
     generate: bool = True
     baselines: bool = True
     select: str = "val"
+    select_metric: str | None = None
 
     def __post_init__(self) -> None:
         if int(self.rounds) < 1:
@@ -138,6 +143,11 @@ class CleanConfig:
             raise InfscopeError(f"--checkpoint {self.checkpoint!r} is not best or last")
         if self.select not in SELECT:
             raise InfscopeError(f"--select {self.select!r} is not val or test; pass --select val")
+        if self.select_metric not in (None, *SELECT_METRICS):
+            raise InfscopeError(
+                f"--select-metric {self.select_metric!r} is not one of {', '.join(SELECT_METRICS)}; "
+                "pass --select-metric loss"
+            )
 
     @property
     def budget(self) -> Budget:
@@ -594,11 +604,18 @@ def run_clean(
     say = log or (lambda message: None)
     prep = prepare(cfg, columns, expert)
     layout = CleanLayout(out)
-    loop = RunDir.create(out, _loop_record(cfg, prep), overwrite=overwrite)
     metric, higher = primary_metric(prep.task, prep.test, cfg.generate)
-    key = selection_key(metric, cfg.select)
+    chosen = cfg.select_metric or metric
+    if chosen not in ("loss", metric):
+        raise InfscopeError(
+            f"--select-metric {chosen} is not measured on this data (it has loss and {metric}); "
+            f"pass --select-metric loss or {metric}"
+        )
+    sel_higher = higher if chosen == metric else False
+    key = selection_key(chosen, cfg.select)
     split = "validation" if cfg.select == "val" else "test"
     budget = cfg.budget
+    loop = RunDir.create(out, _loop_record(cfg, prep), overwrite=overwrite)
 
     input_rows = list(prep.data.rows)
     say(f"round 0: fine-tuning {cfg.model} on {len(input_rows)} rows as given")
@@ -633,7 +650,7 @@ def run_clean(
         rows, weights = apply_changes(input_rows, {}, all_changes)
         say(f"round {r}: {cfg.action} on {changed_rows(changes)} rows, fine-tuning on {len(rows)} rows")
         result = train_round(cfg, prep, f"round-{r}", layout.round_dir(r), rows, weights, reuse)
-        gain = _gain(key, higher, result.metrics, previous.metrics)
+        gain = _gain(key, sel_higher, result.metrics, previous.metrics)
         stop = cfg.early_stop and (gain < cfg.min_gain or gain < 0)
         if not loop.done(f"round-{r}"):
             with loop.stage(f"round-{r}") as rec:
@@ -644,17 +661,17 @@ def run_clean(
         table.append(_table_row(r, result, changes, changed_rows(all_changes), gain))
         say(
             f"round {r}: test {metric} {result.metrics[metric]:.4f}, validation {metric} "
-            f"{result.metrics[f'{VAL}{metric}']:.4f} ({split} gain {gain:+.4f})"
+            f"{result.metrics[f'{VAL}{metric}']:.4f} ({split} {chosen} gain {gain:+.4f})"
         )
         if stop:
             worse = gain < 0
             stopped = (
-                f"round {r} made the {split} {metric} worse"
+                f"round {r} made the {split} {chosen} worse"
                 if worse
-                else f"round {r} gained less than {cfg.min_gain:g} in {split} {metric}"
+                else f"round {r} gained less than {cfg.min_gain:g} in {split} {chosen}"
             )
             break
-    best = best_round(table, key, higher)
+    best = best_round(table, key, sel_higher)
     for row in table:
         row["kept"] = row["round"] == best
     kept = [c for c in all_changes if c.round <= best]
@@ -781,7 +798,7 @@ def clean_report(
         if metric == "exact_match"
         else None,
         "select": cfg.select,
-        "selected_by": f"{'validation' if cfg.select == 'val' else 'test'} {metric}",
+        "selected_by": f"{'validation' if cfg.select == 'val' else 'test'} {cfg.select_metric or metric}",
         "rounds": table,
         "best_round": best,
         "stopped": stopped,

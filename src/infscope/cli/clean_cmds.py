@@ -28,10 +28,10 @@ def _fmt(value: Any) -> str:
 
 
 def _round_table(result: Any) -> Table:
-    select = (result.report or {}).get("select", "test")
+    by_default = f"test {result.metric}"
     table = Table(
         title=f"cleaning rounds (test {result.metric}, {'higher' if result.higher_is_better else 'lower'} "
-        f"is better; kept and gain by the {'validation' if select == 'val' else 'test'} {result.metric})"
+        f"is better; kept and gain by the {(result.report or {}).get('selected_by', by_default)})"
     )
     columns = ["round", "rows", "changed", "cumulative", result.metric]
     if result.metric != "loss":
@@ -97,6 +97,11 @@ def clean_command(
         "--select",
         help="Keep rounds (and stop) by the validation metric (val, honest) or the test metric (test, optimistic).",
     ),
+    select_metric: str | None = typer.Option(
+        None,
+        "--select-metric",
+        help="Metric that keeps rounds: accuracy / exact_match (default) or loss (finer on small val sets).",
+    ),
     keep_going: bool = typer.Option(False, "--keep-going", help="Run every round even without gain."),
     generate: bool = typer.Option(
         True, "--generate/--no-generate", help="Exact match by greedy generation for numeric answers."
@@ -155,6 +160,7 @@ def clean_command(
         generate=generate,
         baselines=baselines,
         select=select,
+        select_metric=select_metric,
     )
     result = run_clean(
         cfg, out, columns=columns, overwrite=overwrite, log=lambda m: console.print(f"[bold]>[/] {m}")
