@@ -414,12 +414,27 @@ def test_score_command_scores_trainer_adapters_without_infscope_finetune(trained
     from infscope.scoring import open_run
 
     data = tmp_path / "train.jsonl"
-    rows = [{"id": f"r{i}", "instruction": "Repeat the text.", "input": t, "output": t} for i, t in enumerate(TEXTS * 2)]
+    rows = [
+        {"id": f"r{i}", "instruction": "Repeat the text.", "input": t, "output": t}
+        for i, t in enumerate(TEXTS * 2)
+    ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     before = {p: p.stat().st_mtime_ns for p in Path(trained.out).rglob("*") if p.is_file()}
     run = tmp_path / "run"
-    argv = ["score", str(trained.out), "--data", str(data), "--val-fraction", "0.25", "--out", str(run),
-            "--max-length", "32", "--method", "datainf,tracin,loss"]
+    argv = [
+        "score",
+        str(trained.out),
+        "--data",
+        str(data),
+        "--val-fraction",
+        "0.25",
+        "--out",
+        str(run),
+        "--max-length",
+        "32",
+        "--method",
+        "datainf,tracin,loss",
+    ]
     assert main(argv) == 0, capsys.readouterr().err
     opened = open_run(run)
     assert opened.record.kind == "external" and opened.spec.name == str(trained.base_dir.resolve())

@@ -127,7 +127,9 @@ def test_score_every_checkpoint_side_by_side(run_copy, capsys):
     assert len(run.checkpoints) == 2
     scored = score_run(run_copy, ["hessian_free", "loss"], checkpoint="all")
     tags = [f"@{Path(c.path).name}" for c in run.checkpoints]
-    expected = ["hessian_free", "loss"] + [f"{m}{t}" for t in tags + ["@ensemble"] for m in ("hessian_free", "loss")]
+    expected = ["hessian_free", "loss"] + [
+        f"{m}{t}" for t in tags + ["@ensemble"] for m in ("hessian_free", "loss")
+    ]
     assert sorted(scored) == sorted(expected)
     from scipy.stats import rankdata
 
@@ -194,7 +196,9 @@ def test_gradients_made_with_other_blocks_are_collected_again(run_copy):
     shutil.copytree(work, layer_dir)  # what `--block-by layer` left before it reached the gradient pass
     assert GradientStore.open(layer_dir / "grads" / "train").meta["block_by"] == "matrix"
     layer = score_run(run_copy, ["datainf"], block_by="layer")
-    store = GradientStore.open(RunLayout(run_copy).grads(layer["datainf"].meta["checkpoint"], "train", "layer"))
+    store = GradientStore.open(
+        RunLayout(run_copy).grads(layer["datainf"].meta["checkpoint"], "train", "layer")
+    )
     assert store.meta["block_by"] == "layer" and len(store.block_names) == 2
 
 
@@ -300,9 +304,13 @@ def test_pairing_measurement_query_is_the_gradient_of_own_minus_shuffled_prompt_
     params = dict(model.named_parameters())
     names = [n for n in params if params[n].requires_grad]
     shuffled = shuffled_prompts(opened.val, opened.spec.seed)
-    assert all(a["id"] == b["id"] and a["output"] == b["output"] for a, b in zip(opened.val, shuffled, strict=True))
-    assert all(a["instruction"] + a.get("input", "") != b["instruction"] + b.get("input", "")
-               for a, b in zip(opened.val, shuffled, strict=True))
+    assert all(
+        a["id"] == b["id"] and a["output"] == b["output"] for a, b in zip(opened.val, shuffled, strict=True)
+    )
+    assert all(
+        a["instruction"] + a.get("input", "") != b["instruction"] + b.get("input", "")
+        for a, b in zip(opened.val, shuffled, strict=True)
+    )
 
     def row_grad(row):
         enc = encode_for(opened.spec, [row], loaded.tokenizer)
@@ -322,7 +330,9 @@ def test_pairing_measurement_query_is_the_gradient_of_own_minus_shuffled_prompt_
     for block in train.block_names:
         expected -= train.load_block(block, torch.float64).numpy() @ v[block + ".weight"].numpy()
     got = pd.Series(scored["hessian_free+pairing"].values, index=scored["hessian_free+pairing"].train_ids)
-    np.testing.assert_allclose(got.loc[train.ids].to_numpy(), expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+    np.testing.assert_allclose(
+        got.loc[train.ids].to_numpy(), expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max()
+    )
 
 
 def test_shapley_methods_value_the_tuned_models_embeddings(run_copy):
@@ -334,14 +344,20 @@ def test_shapley_methods_value_the_tuned_models_embeddings(run_copy):
     from infscope.scoring.gradients import encode_for
 
     opened = open_run(run_copy)
-    scored = score_run(run_copy, ["knn_shapley", "data_oob", "tmc_shapley"], options={"tmc_shapley": {"max_permutations": 40}})
+    scored = score_run(
+        run_copy,
+        ["knn_shapley", "data_oob", "tmc_shapley"],
+        options={"tmc_shapley": {"max_permutations": 40}},
+    )
     loaded = load_model("tiny-llama", seed=0)
     model = load_adapter(loaded, opened.best.path).eval()
 
     def embed(row):
         enc = encode_for(opened.spec, [row], loaded.tokenizer)
         with torch.no_grad():
-            hidden = model(input_ids=torch.tensor([enc.input_ids[0]]), output_hidden_states=True).hidden_states[-1]
+            hidden = model(
+                input_ids=torch.tensor([enc.input_ids[0]]), output_hidden_states=True
+            ).hidden_states[-1]
         return hidden[0].double().mean(dim=0).numpy()
 
     train_x = np.stack([embed(r) for r in opened.train])
@@ -362,7 +378,11 @@ def test_checkpoint_all_on_a_one_epoch_run_lists_each_method_once(tmp_path):
     run_pipeline(PipelineConfig(**{**SMALL, "epochs": 1, "methods": ("loss", "random")}), out)
     scored = score_run(out, ["loss", "hessian_free"], checkpoint="all")
     assert sorted(scored) == ["hessian_free", "loss"]
-    assert sorted(p.stem for p in RunLayout(out).scores_dir.glob("*.npz")) == ["hessian_free", "loss", "random"]
+    assert sorted(p.stem for p in RunLayout(out).scores_dir.glob("*.npz")) == [
+        "hessian_free",
+        "loss",
+        "random",
+    ]
 
 
 def test_run_inputs_free_their_gradients_and_models_with_them(run_copy):

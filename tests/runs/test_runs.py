@@ -106,7 +106,11 @@ def test_old_finetune_record_is_upgraded(tmp_path):
     assert record.kind == "finetune" and record.model.name == "tiny-llama"
     assert (record.model.max_length, record.model.batch_size, record.model.seed) == (64, 4, 3)
     assert record.model.device == "cpu"
-    assert (record.data.train, record.data.fingerprint, record.data.val_fraction) == ("/data/train.jsonl", "abc", 0.2)
+    assert (record.data.train, record.data.fingerprint, record.data.val_fraction) == (
+        "/data/train.jsonl",
+        "abc",
+        0.2,
+    )
 
 
 def test_not_a_run_directory_is_one_line(tmp_path):
@@ -116,7 +120,9 @@ def test_not_a_run_directory_is_one_line(tmp_path):
 
 def test_layout_names_every_artifact(tmp_path):
     layout = RunLayout(tmp_path)
-    assert layout.grads("/x/finetune/checkpoints/epoch-2", "train") == tmp_path / "scoring/epoch-2/grads/train"
+    assert (
+        layout.grads("/x/finetune/checkpoints/epoch-2", "train") == tmp_path / "scoring/epoch-2/grads/train"
+    )
     assert layout.grads("epoch-2", "val", "layer") == tmp_path / "scoring/epoch-2-layer/grads/val"
     assert layout.losses("epoch-1") == tmp_path / "scoring/epoch-1/losses.parquet"
     assert layout.results("datainf@epoch-1", "csv") == tmp_path / "results/datainf@epoch-1.csv"

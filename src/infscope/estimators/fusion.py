@@ -459,7 +459,9 @@ def rank_ensemble(members: Sequence[Scores], name: str) -> Scores:
     ranks = []
     for member in members:
         if sorted(member.train_ids) != sorted(ids):
-            raise InfscopeError(f"ensemble members score other rows ({member.method}); ensemble runs of the same data")
+            raise InfscopeError(
+                f"ensemble members score other rows ({member.method}); ensemble runs of the same data"
+            )
         position = {i: k for k, i in enumerate(member.train_ids)}
         ranks.append(percentile_ranks(member.vector()[[position[i] for i in ids]]))
     meta = {"ensemble": [m.method for m in members], "family": "ensemble"}

@@ -34,7 +34,9 @@ def parse_methods(
     for name in names:
         if name == "all" and keep_all:
             expanded = ["all"]
-        elif name == "default":  # the defaults of this run's task (xprompt reads instructions, text_oof labels)
+        elif (
+            name == "default"
+        ):  # the defaults of this run's task (xprompt reads instructions, text_oof labels)
             expanded = [m for m in DEFAULT_METHODS if inputs is None or inputs.task in get_method(m).tasks]
         elif name == "all":
             expanded = [m.name for m in METHODS.values() if inputs is None or runnable(m.name, inputs)]
