@@ -13,7 +13,6 @@ from sklearn.linear_model import LogisticRegression
 from infscope.errors import InfscopeError
 from infscope.estimators import text_proxy
 from infscope.estimators.baselines import from_values
-from infscope.estimators.out_of_fold import fold_of
 from infscope.estimators.registry import get_method
 from infscope.noise.rng import stable_hash
 
@@ -83,7 +82,7 @@ def test_text_oof_is_one_minus_the_held_out_probability() -> None:
     x = text_proxy.tfidf_features([r["text"] for r in rows]).to_dense().numpy()
     x = x[:, np.flatnonzero(np.abs(x).sum(axis=0))]
     y = np.array([r["label"] for r in rows])
-    folds = fold_of([str(i) for i in range(len(rows))], 3, 7)
+    folds = text_proxy.grouped_folds([r["text"] for r in rows], 3, 7)
     ref = np.zeros(len(rows))
     for f in range(3):
         held = folds == f
@@ -150,7 +149,7 @@ def test_embeddings_join_the_features_as_unit_rows() -> None:
         [x[:, np.flatnonzero(np.abs(x).sum(axis=0))], emb / np.linalg.norm(emb, axis=1, keepdims=True)]
     )
     y = np.array([r["label"] for r in rows])
-    folds = fold_of([str(i) for i in range(len(rows))], 3, 1)
+    folds = text_proxy.grouped_folds([r["text"] for r in rows], 3, 1)
     ref = np.zeros(len(rows))
     for f in range(3):
         held = folds == f
@@ -204,3 +203,22 @@ def test_registry_text_oof_uses_the_base_models_embeddings(tmp_path) -> None:
     assert scored.meta["features"] == "text+base"
     with pytest.raises(InfscopeError, match="features='words' is unknown"):
         score_run(run, ["text_oof"], options={"text_oof": {"features": "words"}})
+
+
+def test_rows_with_the_same_text_share_a_fold() -> None:
+    texts = ["alpha beta", "Alpha  beta", "gamma", "delta", "gamma", "eps", "zeta", "eta"]
+    folds = text_proxy.grouped_folds(texts, 3, 0)
+    assert folds[0] == folds[1] and folds[2] == folds[4]
+    assert sorted(set(folds.tolist())) == [0, 1, 2]
+    # a canary: a copy of a row with its label changed; it must not teach the probe its wrong label
+    rows = _rows()
+    canary = {**rows[0], "id": "canary", "label": 2}
+    scores = text_proxy.text_oof_scores([*rows, canary], None, k=3, c=10.0, seed=0)
+    assert scores[-1] > np.median(scores)  # the canary is found ...
+    clean = text_proxy.text_oof_scores(rows, None, k=3, c=10.0, seed=0)
+    # ... and its source row keeps its score: the copy shares its fold, so no probe reads the copy's
+    # label for it (only the IDF weights move a little, since they count the copy's words)
+    assert abs(scores[0] - clean[0]) < 0.01
+    assert np.abs(scores[:-1] - clean).max() < 0.1
+    with pytest.raises(InfscopeError, match="distinct texts"):
+        text_proxy.grouped_folds(["a", "a", "a"], 2, 0)

@@ -11,7 +11,8 @@ network) and, ranked together with ``oof_loss``, finds more label flips than eit
 - ``text_oof``: ``1 - p(given label)`` under a multinomial logistic regression (L2, the objective
   ``C * sum CE + |W|^2 / 2``) on hashed, sublinear TF-IDF features of words and character
   2-5-grams next to the *base* model's mean hidden states (l2-normalised; ``features="text"``
-  leaves them out), each row predicted by the fold model that did not see it (K folds, seeded).
+  leaves them out), each row predicted by the fold model that did not see it (K folds, seeded;
+  rows with the same text share a fold, so a duplicate or a canary copy never gives its label away).
   The base model never saw the labels, so its embeddings leak nothing into the held-out folds;
   the tuned model's would.
 - ``oof_fusion``: the mean percentile rank of ``oof_loss`` and ``text_oof``, weights fixed in advance.
@@ -162,12 +163,27 @@ def with_dense(x: torch.Tensor, dense: np.ndarray | None) -> torch.Tensor:
     ).coalesce()
 
 
+def grouped_folds(texts: Sequence[str], k: int, seed: int) -> np.ndarray:
+    """Seeded folds in which rows with the same text (case and spacing aside) always share a fold.
+
+    A duplicated text in another fold would let the probe read the held-out row's label, or, when the
+    copies disagree (a canary is a copy of a row with its label changed), learn the wrong one.
+    """
+    keys = [" ".join(str(t).lower().split()) for t in texts]
+    groups = list(dict.fromkeys(keys))
+    if not 2 <= k <= len(groups):
+        raise InfscopeError(
+            f"text_oof k={k} folds need 2 <= k <= {len(groups)} distinct texts; pass --option text_oof.k=5"
+        )
+    group_fold = dict(zip(groups, fold_of(groups, k, seed), strict=True))
+    return np.asarray([group_fold[key] for key in keys], dtype=np.int64)
+
+
 def out_of_fold_proba(
-    x: torch.Tensor, labels: np.ndarray, n_classes: int, *, k: int = 10, c: float = 100.0, seed: int = 0
+    x: torch.Tensor, labels: np.ndarray, n_classes: int, folds: np.ndarray, *, c: float = 100.0
 ) -> np.ndarray:
-    """Each row's class probabilities from the probe fitted on the other ``k - 1`` folds of features ``x``."""
-    n = x.shape[0]
-    folds = fold_of([str(i) for i in range(n)], k, seed)
+    """Each row's class probabilities from the probe fitted on the rows of the other ``folds``."""
+    n, k = x.shape[0], int(folds.max()) + 1
     probs = np.zeros((n, n_classes))
     for fold in range(k):
         held = folds == fold
@@ -219,8 +235,9 @@ def text_oof_scores(
         )
     if c <= 0:
         raise InfscopeError(f"text_oof c={c} must be positive (inverse L2 strength); pass e.g. 100")
+    folds = grouped_folds(texts, k, seed)
     x = with_dense(tfidf_features(texts), embeddings)
-    probs = out_of_fold_proba(x, labels, n_classes, k=k, c=c, seed=seed)
+    probs = out_of_fold_proba(x, labels, n_classes, folds, c=c)
     return 1.0 - probs[np.arange(len(labels)), labels]
 
 
