@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
-from infscope.cli import main
+from conftest import tiny_bert_cli_run
 from infscope.estimators.out_of_fold import confident_joint_issues, fold_of, self_confidence_scores
 
 
@@ -34,30 +32,7 @@ def test_oof_loss_equals_each_fold_models_loss_on_its_held_out_rows(tmp_path):
     from infscope.models.registry import load_spec
     from infscope.scoring import open_run, score_run
 
-    rows = [
-        {"id": f"r{i}", "text": ("good day " if i % 2 else "bad night ") + str(i), "label": i % 2}
-        for i in range(16)
-    ]
-    data = tmp_path / "cls.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run = tmp_path / "run"
-    assert (
-        main(
-            [
-                "finetune",
-                str(data),
-                "--out",
-                str(run),
-                "--model",
-                "tiny-bert",
-                "--epochs",
-                "1",
-                "--threads",
-                "1",
-            ]
-        )
-        == 0
-    )
+    run = tiny_bert_cli_run(tmp_path, 16)
     scored = score_run(run, ["oof_loss", "cleanlab"], options={"oof_loss": {"k": 2}, "cleanlab": {"k": 2}})
     opened = open_run(run)
     config = FinetuneConfig(**opened.record.finetune)

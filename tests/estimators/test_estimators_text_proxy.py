@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from sklearn.linear_model import LogisticRegression
 
+from conftest import tiny_bert_cli_run
 from infscope.errors import InfscopeError
 from infscope.estimators import text_proxy
 from infscope.estimators.baselines import from_values
@@ -159,34 +160,12 @@ def test_embeddings_join_the_features_as_unit_rows() -> None:
 
 
 def test_registry_text_oof_uses_the_base_models_embeddings(tmp_path) -> None:
-    import json
-
     import torch
 
-    from infscope.cli import main
     from infscope.models.registry import load_model
     from infscope.scoring import open_run, score_run
 
-    rows = [
-        {"id": f"r{i}", "text": ("good day " if i % 2 else "bad night ") + str(i), "label": i % 2}
-        for i in range(12)
-    ]
-    data = tmp_path / "cls.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run = tmp_path / "run"
-    args = [
-        "finetune",
-        str(data),
-        "--out",
-        str(run),
-        "--model",
-        "tiny-bert",
-        "--epochs",
-        "1",
-        "--threads",
-        "1",
-    ]
-    assert main(args) == 0
+    run = tiny_bert_cli_run(tmp_path, 12)
     scored = score_run(run, ["text_oof"], options={"text_oof": {"k": 3}})["text_oof"]
     opened = open_run(run)
     base = load_model("tiny-bert", task="classification", num_labels=2, seed=opened.spec.seed).model.eval()

@@ -7,11 +7,8 @@ match the one-process values (rtol 1e-5: only the order of summation differs).
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +16,12 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import distributed_collect, unscored_tiny_llama_run
 from infscope.errors import InfscopeError
 from infscope.estimators.scores import Scores
 from infscope.grads.distributed import all_reduce_sum, gather_rows, init_from_env, shard_range, world_size
 from infscope.grads.sharded import rank_rows, shard_rows_for
 from infscope.grads.store import GradientStore
-from infscope.pipeline import PipelineConfig, run_pipeline
 from infscope.runs import RunLayout
 from infscope.scoring import open_run, score_run
 
@@ -57,29 +54,8 @@ def test_world_of_one_helpers_are_identity(monkeypatch):
     assert torch.equal(all_reduce_sum(x), x) and torch.equal(gather_rows(x), x)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _torchrun(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(_free_port()),
-        "-m",
-        "infscope.distributed_collect",
-        *args,
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+def _torchrun(run: str, *args: str) -> subprocess.CompletedProcess:
+    done = distributed_collect(Path(run), *args, processes=2)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -87,19 +63,7 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    base = root / "base"
-    config = PipelineConfig(
-        model="tiny-llama",
-        classes=3,
-        train_per_class=8,
-        val_per_class=2,
-        epochs=1,
-        max_length=48,
-        noise_ratio=0.25,
-        methods=("loss",),
-    )
-    run_pipeline(config, base)
-    shutil.rmtree(base / "scoring")
+    base = unscored_tiny_llama_run(root / "base")
     copies = {}
     for name in ("one", "two", "stream"):
         copies[name] = root / name

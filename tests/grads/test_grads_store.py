@@ -7,10 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import tiny_peft_llama, token_rows
 from infscope.errors import InfscopeError
 from infscope.grads import (
     BlockProjector,
@@ -25,35 +23,6 @@ from infscope.grads import store as store_module
 from infscope.grads.losses import default_loss
 
 VOCAB = 40
-
-
-def tiny_lora_llama() -> nn.Module:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-    )
-    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    return get_peft_model(LlamaForCausalLM(cfg), lora)
-
-
-def encoded(n: int = 10) -> dict[str, list]:
-    """Column-form encoded rows (as models.encode would give) of varying lengths."""
-    gen = torch.Generator().manual_seed(5)
-    cols: dict[str, list] = {"ids": [], "input_ids": [], "attention_mask": [], "labels": []}
-    for i in range(n):
-        length = 3 + i % 5
-        toks = torch.randint(0, VOCAB, (length,), generator=gen).tolist()
-        cols["ids"].append(f"row{i}")
-        cols["input_ids"].append(toks)
-        cols["attention_mask"].append([1] * length)
-        cols["labels"].append([-100] + toks[1:])
-    return cols
 
 
 # Relative rounding error of each format: 0, 2**-11 (float16 after row scaling), 2**-8 (bfloat16).
@@ -127,8 +96,8 @@ def test_disk_space_is_checked_before_writing(tmp_path, monkeypatch):
 
 
 def test_collect_matches_compute_and_resumes_identically(tmp_path):
-    model = tiny_lora_llama()
-    data = encoded(10)
+    model = tiny_peft_llama(VOCAB)
+    data = token_rows(10, VOCAB, seed=5, cycle=5, prefix="row")
     memory = compute_gradients(model, data, batch_size=2, progress=False)
     full = collect_to_store(model, data, tmp_path / "full", batch_size=2, shard_rows=4, progress=False)
     assert full.ids == memory.ids and full.block_names == memory.block_names
@@ -162,8 +131,8 @@ def test_collect_matches_compute_and_resumes_identically(tmp_path):
 
 
 def test_changed_adapter_is_refused_and_projection_on_the_fly(tmp_path):
-    model = tiny_lora_llama()
-    data = encoded(6)
+    model = tiny_peft_llama(VOCAB)
+    data = token_rows(6, VOCAB, seed=5, cycle=5, prefix="row")
     collect_to_store(model, data, tmp_path / "s", batch_size=3, shard_rows=3, progress=False)
     name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default"
     with torch.no_grad():

@@ -12,25 +12,20 @@ gradient reference.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import distributed_collect, tiny_peft_llama, token_rows, unscored_tiny_llama_run
 from infscope.errors import InfscopeError
 from infscope.estimators.scores import Scores
 from infscope.grads.losses import default_loss
 from infscope.grads.sharded import collect_to_store_sharded
 from infscope.grads.store import GradientStore, collect_to_store
-from infscope.pipeline import PipelineConfig, run_pipeline
 from infscope.runs import RunLayout
 from infscope.scoring import open_run, score_run
 
@@ -39,33 +34,6 @@ VOCAB = 40
 
 
 # -- unit level: collect_to_store_sharded in a world of one -----------------------------------------
-
-
-def _tiny_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-    )
-    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    return get_peft_model(LlamaForCausalLM(cfg), lora)
-
-
-def _rows(n: int) -> dict[str, list]:
-    gen = torch.Generator().manual_seed(3)
-    cols: dict[str, list] = {"ids": [], "input_ids": [], "attention_mask": [], "labels": []}
-    for i in range(n):
-        toks = torch.randint(0, VOCAB, (3 + i % 4,), generator=gen).tolist()
-        cols["ids"].append(f"r{i}")
-        cols["input_ids"].append(toks)
-        cols["attention_mask"].append([1] * len(toks))
-        cols["labels"].append([-100] + toks[1:])
-    return cols
 
 
 def _per_row_reference(
@@ -90,8 +58,8 @@ def _mtimes(folder: Path) -> dict[str, int]:
 
 
 def test_sharded_collection_keeps_an_existing_store_layout_and_resumes_only_lost_shards(tmp_path):
-    model = _tiny_model()
-    data = _rows(10)
+    model = tiny_peft_llama(VOCAB)
+    data = token_rows(10, VOCAB, seed=3)
     path = tmp_path / "grads"
     first = collect_to_store(model, data, path, batch_size=3, shard_rows=4, progress=False)  # 3 shards
     assert first.n_shards == 3
@@ -121,8 +89,8 @@ def test_sharded_collection_keeps_an_existing_store_layout_and_resumes_only_lost
 
 
 def test_sharded_collection_refuses_a_store_of_another_adapter_with_the_fix(tmp_path):
-    model = _tiny_model()
-    data = _rows(6)
+    model = tiny_peft_llama(VOCAB)
+    data = token_rows(6, VOCAB, seed=3)
     path = tmp_path / "grads"
     collect_to_store(model, data, path, batch_size=3, shard_rows=4, progress=False)
     (path / "shards" / "b0000-s00001.npy").unlink()
@@ -136,43 +104,15 @@ def test_sharded_collection_refuses_a_store_of_another_adapter_with_the_fix(tmp_
 # -- run level: infscope.distributed_collect after score_run -----------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    return {**env, "OMP_NUM_THREADS": "1"}
-
-
 def _collect(run: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
-    args = ["-m", "infscope.distributed_collect", str(run), "--method", METHODS, *extra]
-    if processes > 1:
-        launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(processes)]
-        launcher += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
-        args = launcher + args
-    return subprocess.run([sys.executable, *args], env=_env(), capture_output=True, text=True, timeout=600)
+    return distributed_collect(run, "--method", METHODS, *extra, processes=processes)
 
 
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
     """A run scored once in this process, and the one-process scores."""
     root = tmp_path_factory.mktemp("reuse")
-    base = root / "base"
-    config = PipelineConfig(
-        model="tiny-llama",
-        classes=3,
-        train_per_class=8,
-        val_per_class=2,
-        epochs=1,
-        max_length=48,
-        noise_ratio=0.25,
-        methods=("loss",),
-    )
-    run_pipeline(config, base)
-    shutil.rmtree(base / "scoring")
+    base = unscored_tiny_llama_run(root / "base")
     score_run(base, METHODS)
     scores = {m: Scores.load(RunLayout(base).scores(m)) for m in METHODS.split(",")}
     return root, base, scores

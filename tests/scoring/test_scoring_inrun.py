@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import sentence_transform_data
 from infscope.cli import app, main
 from infscope.errors import InfscopeError
 from infscope.grads.store import GradientStore
@@ -27,20 +28,7 @@ COMMON = ["--threads", "1"]
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("inrun") / "st.jsonl"
-    make = [
-        "data",
-        "make",
-        "sentence_transform",
-        "--classes",
-        "3",
-        "--per-class",
-        "8",
-        "--test-per-class",
-        "2",
-    ]
-    assert main([*make, "--out", str(path)]) == 0
-    return path
+    return sentence_transform_data(tmp_path_factory.mktemp("inrun") / "st.jsonl")
 
 
 def _finetune(data: Path, run: Path, *extra: str) -> Path:

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import sentence_transform_data
 from infscope.cli import main
 from infscope.estimators.scores import Scores
 from infscope.runs import RunDir, RunLayout
@@ -29,19 +30,7 @@ COMMON = ["--threads", "1"]
 def tuned(tmp_path_factory):
     """A tiny-llama run fine-tuned with 20 % canaries on a built-in instruction set."""
     root = tmp_path_factory.mktemp("stream")
-    data = root / "st.jsonl"
-    make = [
-        "data",
-        "make",
-        "sentence_transform",
-        "--classes",
-        "3",
-        "--per-class",
-        "8",
-        "--test-per-class",
-        "2",
-    ]
-    assert main([*make, "--out", str(data)]) == 0
+    data = sentence_transform_data(root / "st.jsonl")
     run = root / "run"
     argv = ["finetune", str(data), "--out", str(run), "--model", "tiny-llama", "--max-length", "64"]
     assert main([*argv, "--epochs", "2", "--lr", "0.01", "--canaries", "0.2", *COMMON]) == 0
