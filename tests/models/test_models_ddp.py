@@ -66,7 +66,9 @@ result = finetune(
     load_model("tiny-llama"), spec["train"], spec["val"], config, sys.argv[2],
     weights=spec["weights"], progress=False,
 )
-print(f"result {ddp.rank()} " + json.dumps(result.to_dict(), sort_keys=True), flush=True)
+# one file per rank: two processes printing to one pipe can interleave their lines
+with open(f"{sys.argv[3]}/result-{ddp.rank()}.json", "w") as handle:
+    handle.write(json.dumps(result.to_dict(), sort_keys=True))
 """
 
 
@@ -231,9 +233,10 @@ def test_torchrun_weighted_finetune_equals_one_process(tmp_path):
     spec = {"config": WEIGHTED.to_dict(), "train": TRAIN, "val": VAL, "weights": WEIGHTS}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     (tmp_path / "train_ddp.py").write_text(SCRIPT)
-    done = _torchrun(str(tmp_path / "train_ddp.py"), str(tmp_path / "spec.json"), str(tmp_path / "two"))
-    results = dict(line.split(" ", 2)[1:] for line in done.stdout.splitlines() if line.startswith("result "))
-    assert results.keys() == {"0", "1"} and results["0"] == results["1"]  # every rank returns the summary
+    _torchrun(str(tmp_path / "train_ddp.py"), str(tmp_path / "spec.json"), str(tmp_path / "two"), str(tmp_path))
+    results = {path.name: path.read_text() for path in tmp_path.glob("result-*.json")}
+    assert results.keys() == {"result-0.json", "result-1.json"}
+    assert results["result-0.json"] == results["result-1.json"]  # every rank returns the summary
     one = finetune(
         load_model("tiny-llama"), TRAIN, VAL, WEIGHTED, tmp_path / "one", weights=WEIGHTS, progress=False
     )
