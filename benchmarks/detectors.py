@@ -140,6 +140,22 @@ PROFILES = {
         resp_k=5,
         fusion=True,
     ),
+    # wrong answers: the registry rows (loss, answer_loss, dynamics) and the shipped xprompt default
+    "answers": Profile(
+        grads="none", random_k=0, nearest_k=0, xresponse_k=0, other_k=0, base_k=0, empty=False, resp_k=3
+    ),
+    # canaries on wrong answers: fusion as a user gets it; no extra pair variants beyond its pool
+    "canary_answers": Profile(
+        grads="none",
+        random_k=0,
+        nearest_k=0,
+        xresponse_k=0,
+        other_k=0,
+        base_k=0,
+        empty=False,
+        resp_k=0,
+        fusion=True,
+    ),
     "heldout_cls": Profile(
         grads="none", random_k=0, nearest_k=0, xresponse_k=0, other_k=0, base_k=0, empty=False, resp_k=0
     ),
@@ -258,6 +274,25 @@ SETTINGS = {
             (0.90, None),
             "heldout_cls",
         ),
+        Setting(
+            "math_wrong_heldout",
+            "math_wrong on seeds not used to design answer_loss (designed on seed 0 of math_wrong)",
+            {"dataset": "math_reason", "noise_weights": "wrong_numeric=1"},
+            SWAP_GOAL,
+            "answers",
+        ),
+        Setting(
+            "math_wrong_canary",
+            "math_wrong with 10 % wrong-answer canaries: the registry's fusion chooses on them (held-out seeds)",
+            {
+                "dataset": "math_reason",
+                "noise_weights": "wrong_numeric=1",
+                "canaries": 0.1,
+                "canary_noise": "wrong_answer",
+            },
+            SWAP_GOAL,
+            "canary_answers",
+        ),
         # canaries: 10 % extra rows corrupted with the setting's own noise type, the label-free route
         Setting(
             "demo_swap_canary",
@@ -371,6 +406,8 @@ def registry_scores(run_dir: Path, cache: RunCache, profile: Profile, task: str,
     names += list(DYNAMICS_METHODS)
     if task == "classification":
         names.append("label_margin")
+    if task == "instruction":
+        names.append("answer_loss")  # one forward pass
     names = [n for n in names if task in get_method(n).tasks]  # aum/forgetting: classifiers only
     for name in names:
         if cache.has(name):

@@ -211,6 +211,7 @@ FUSION_POOL = (
     "label_margin",
     "aum",
     "text_oof",
+    "answer_loss",
 )
 
 

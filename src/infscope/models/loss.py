@@ -24,6 +24,16 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """
     if labels.ndim == 1:
         return F.cross_entropy(logits.float(), labels, reduction="none")
+    per_token, mask = target_token_losses(logits, labels)
+    return (per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+def target_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of every causal target, ``(per_token, mask)``, both ``(b, t - 1)``.
+
+    ``per_token[:, j]`` is the loss of label ``j + 1`` predicted at position ``j``; ``mask`` marks
+    the real targets (label not ``-100``); masked entries are 0. Float32 whatever the model's dtype.
+    """
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
     per_token = F.cross_entropy(
@@ -32,8 +42,7 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         ignore_index=IGNORE_INDEX,
         reduction="none",
     ).view(shift_labels.shape)
-    mask = shift_labels != IGNORE_INDEX
-    return (per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+    return per_token, shift_labels != IGNORE_INDEX
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -127,3 +136,35 @@ def per_example_loss(
     finally:
         model.train(was_training)
     return check_finite(out, encoded.ids)
+
+
+def per_token_losses(
+    model: torch.nn.Module, encoded: Encoded, batch_size: int = 8, *, device: str | torch.device | None = None
+) -> list[np.ndarray]:
+    """The loss of every target token of every causal row, in row order (float64 arrays).
+
+    Row ``i``'s array has one entry per target token (response tokens and EOS when encoded with
+    ``response_only``), in text order; its mean is :func:`per_example_loss`'s value. Eval mode, no
+    gradients, length-sorted batches are the caller's choice (``encoded`` is used as given).
+    """
+    if encoded.task != "causal":
+        raise InfscopeError(
+            "per-token losses need a causal LM's rows; classification rows have one loss each"
+        )
+    dev = torch.device(device) if device is not None else model_device(model)
+    was_training = model.training
+    model.eval()
+    out: list[np.ndarray] = [np.zeros(0)] * len(encoded)
+    try:
+        with torch.no_grad():
+            for batch in batches(encoded, batch_size, with_index=True):
+                logits, labels, _ = forward_logits_losses(model, batch, dev)
+                per_token, mask = target_token_losses(logits, labels)
+                per_token, mask = per_token.double().cpu(), mask.cpu()
+                for row, index in enumerate(batch["index"].tolist()):
+                    out[index] = per_token[row][mask[row]].numpy()
+    finally:
+        model.train(was_training)
+    means = np.array([values.mean() if values.size else 0.0 for values in out])
+    check_finite(means, encoded.ids)
+    return out
