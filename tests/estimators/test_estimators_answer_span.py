@@ -21,7 +21,12 @@ from infscope.models.loss import per_example_loss, per_token_losses
 ROWS = [
     {"id": "a", "instruction": "Add 10 and 36.", "input": "", "output": "10 + 36 = 46. The answer is 46."},
     {"id": "b", "instruction": "Add 10 and 36.", "input": "", "output": "10 + 36 = 46. The answer is 57."},
-    {"id": "c", "instruction": "Price?", "input": "two items", "output": "It costs 1,234.5 dollars in total."},
+    {
+        "id": "c",
+        "instruction": "Price?",
+        "input": "two items",
+        "output": "It costs 1,234.5 dollars in total.",
+    },
     {"id": "d", "instruction": "Name a color.", "input": "", "output": "Blue is the color of the sky."},
     {"id": "e", "instruction": "Count.", "input": "", "output": "7"},
 ]

@@ -233,7 +233,9 @@ def test_torchrun_weighted_finetune_equals_one_process(tmp_path):
     spec = {"config": WEIGHTED.to_dict(), "train": TRAIN, "val": VAL, "weights": WEIGHTS}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     (tmp_path / "train_ddp.py").write_text(SCRIPT)
-    _torchrun(str(tmp_path / "train_ddp.py"), str(tmp_path / "spec.json"), str(tmp_path / "two"), str(tmp_path))
+    _torchrun(
+        str(tmp_path / "train_ddp.py"), str(tmp_path / "spec.json"), str(tmp_path / "two"), str(tmp_path)
+    )
     results = {path.name: path.read_text() for path in tmp_path.glob("result-*.json")}
     assert results.keys() == {"result-0.json", "result-1.json"}
     assert results["result-0.json"] == results["result-1.json"]  # every rank returns the summary
