@@ -64,7 +64,9 @@ def token_losses_of_run(run_dir: Path, which: str) -> tuple[list[str], list[np.n
     )
     order = length_sorted(encoded)
     losses: list[np.ndarray] = [np.zeros(0)] * len(rows)
-    for position, values in zip(order.tolist(), per_token_losses(loaded.model, encoded.subset(order), 16), strict=True):
+    for position, values in zip(
+        order.tolist(), per_token_losses(loaded.model, encoded.subset(order), 16), strict=True
+    ):
         losses[position] = values
     spans = [final_number_positions(target_pieces(loaded.tokenizer, labels)) for labels in encoded.labels]
     return [str(r["id"]) for r in rows], losses, spans
@@ -91,7 +93,10 @@ def main() -> None:
     manifest = read_manifest(run_dir / "data" / "manifest.jsonl").set_index("id").loc[ids]
     noisy = manifest["is_noisy"].to_numpy(dtype=bool)
     operators = [o if isinstance(o, str) else None for o in manifest["operator"]]
-    table = {name: np.array([f(t, s) for t, s in zip(losses, spans, strict=True)]) for name, f in AGGREGATES.items()}
+    table = {
+        name: np.array([f(t, s) for t, s in zip(losses, spans, strict=True)])
+        for name, f in AGGREGATES.items()
+    }
     if args.fuse:
         cached = json.loads((run_dir / "detectors" / "scores.json").read_text())[args.fuse]
         other = pd.Series(cached["values"], index=cached["ids"]).loc[ids].to_numpy()
