@@ -304,7 +304,7 @@ def run_pipeline(
     say(f"noise: {cfg.noise_ratio:.0%} {cfg.noise_weights or cfg.noise_strategy}")
     train, manifest = stage_noise(run, cfg, clean, label_names)
     if cfg.canaries:
-        from infscope.noise.canaries import add_canaries, default_canary_noise
+        from infscope.noise.canaries import add_canaries, default_canary_noise, without_canary_sources
 
         noise = cfg.canary_noise or default_canary_noise(run.record.model.task)
         say(f"canaries: {cfg.canaries:.0%} of the training rows, {noise}")
@@ -316,8 +316,12 @@ def run_pipeline(
             seed=cfg.seed,
             task=run.record.model.task,
             label_names=label_names,
+            val=val,
+            source=cfg.canary_source,
         )
         run.save()
+        say(f"canaries copy {run.record.canaries['source']} rows")
+        val = without_canary_sources(val, run.record.canaries)
     say(f"finetune: {cfg.model}, LoRA r={cfg.rank}, {cfg.epochs} epochs on {len(train)} rows")
     ft = stage_finetune(run, cfg, train, val)
     where = {"best": f"epoch {ft['epoch']} (best validation loss)", "last": "the last epoch"}

@@ -56,12 +56,14 @@ class PipelineConfig:
     attribution: bool = False
     canaries: float | None = None
     canary_noise: str | None = None
+    canary_source: str = "auto"
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
     grad_dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        from infscope.noise.canaries import check_canary_source
         from infscope.scoring.methods import parse_methods  # deferred: the registry imports torch
 
         self.methods = tuple(parse_methods(list(self.methods), keep_all=True))
@@ -71,6 +73,7 @@ class PipelineConfig:
             raise InfscopeError(
                 "checkpoint 'canary' needs canaries; pass --canaries 0.05 (or choose best, last, all)"
             )
+        check_canary_source(self.canary_source)
         if self.checkpoint not in CHECKPOINT_CHOICES:
             raise InfscopeError(
                 f"checkpoint {self.checkpoint!r} is not one of {', '.join(CHECKPOINT_CHOICES)}"
@@ -85,4 +88,6 @@ class PipelineConfig:
         """JSON-ready arguments for ``run.json``."""
         args = asdict(self)
         args["methods"] = list(self.methods)
+        if not self.canaries:  # recorded only when it matters, so runs made before it existed still match
+            args["canary_source"] = None
         return args

@@ -363,3 +363,35 @@ def test_streamed_scores_leave_canaries_out(noisy_files, tmp_path):
     assert main(["score", str(run), "--method", "hessian_free", "--stream", "--threads", "1"]) == 0
     user_ids = {json.loads(line)["id"] for line in RunLayout(run).train.read_text().splitlines()}
     assert set(pd.read_parquet(RunLayout(run).results("hessian_free"))["id"]) == user_ids
+
+
+def test_validation_sourced_canaries_leave_the_validation_set(noisy_files, tmp_path, capsys):
+    """Canaries copied from validation rows: those rows are gone from the validation the run uses."""
+    from infscope.scoring import open_run
+
+    noisy, _ = noisy_files
+    run = tmp_path / "run"
+    common = ["--model", "tiny-llama", "--max-length", "64", "--threads", "1", "--epochs", "1"]
+    argv = ["finetune", str(noisy), "--out", str(run), "--canaries", "0.1", "--canary-source", "validation"]
+    assert main([*argv, "--val-fraction", "0.3", *common]) == 0
+    record = RunDir.open(run).record
+    assert record.canaries["source"] == "validation" and record.args["canary_source"] == "validation"
+    taken = set(record.canaries["source_ids"])
+    opened = open_run(run)
+    all_val = {str(r["id"]) for r in opened.val} | taken
+    assert len(taken) == len(record.canaries["ids"]) == 2
+    assert not taken & {str(r["id"]) for r in opened.val}
+    assert not taken & {str(r["id"]) for r in opened.train}
+    assert len(opened.val) == len(all_val) - 2
+    assert "canaries copied from validation rows" in " ".join(capsys.readouterr().out.split())
+
+
+def test_validation_canaries_that_would_empty_the_validation_set_write_nothing(noisy_files, tmp_path, capsys):
+    noisy, _ = noisy_files
+    run = tmp_path / "run"
+    argv = ["finetune", str(noisy), "--out", str(run), "--model", "tiny-llama", "--canaries", "0.25"]
+    assert main([*argv, "--canary-source", "validation", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--canary-source train" in err and len(err.strip().splitlines()) == 1 and not run.exists()
+    assert main([*argv, "--canary-source", "heldout", "--threads", "1"]) == 2
+    assert "unknown canary source 'heldout'" in capsys.readouterr().err and not run.exists()

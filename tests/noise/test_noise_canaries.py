@@ -13,7 +13,15 @@ from conftest import instruction_rows
 from infscope.data.formatting import format_text
 from infscope.data.manifest import MANIFEST_FIELDS
 from infscope.errors import InfscopeError
-from infscope.noise.canaries import _canary_ids, canary_mask, make_canaries, noise_seed
+from infscope.noise.canaries import (
+    _canary_ids,
+    add_canaries,
+    auto_canary_source,
+    canary_mask,
+    make_canaries,
+    noise_seed,
+    without_canary_sources,
+)
 from infscope.noise.registry import all_operators
 
 
@@ -192,3 +200,79 @@ def test_too_few_rows_that_can_take_the_noise_is_an_error():
         row["output"] = "Same answer for everyone."
     with pytest.raises(InfscopeError, match=r"only 0 of 20 rows can take canary noise response_swap"):
         make_canaries(rows, fraction=0.1, noise="response_swap", seed=0, task="instruction")
+
+
+def test_validation_sourced_canaries_copy_validation_rows_only():
+    """With ``sources`` the canaries copy held-out rows (no clean twin among the training rows)."""
+    rows = instruction_rows()
+    val = [dict(row, id=f"v-{row['id']}") for row in instruction_rows(30)]
+    before_rows, before_val = copy.deepcopy(rows), copy.deepcopy(val)
+    result = make_canaries(rows, fraction=0.1, noise="response_swap", seed=3, task="instruction", sources=val)
+    assert rows == before_rows and val == before_val
+    assert len(result.ids) == round(0.1 * len(rows))  # the count follows the training rows
+    assert set(result.source_ids) <= {row["id"] for row in val}
+    check_canaries(val, result, operators={"response_swap"})
+    pool_outputs = {row["output"] for row in rows + val}
+    for record in result.manifest:  # donors may be any row of the pool, never the source itself
+        assert record["noisy"] in pool_outputs and record["noisy"] != record["original"]
+
+
+def test_validation_sourced_canaries_leave_enough_validation_rows():
+    rows = instruction_rows()
+    val = [dict(row, id=f"v-{row['id']}") for row in instruction_rows(10)]
+    with pytest.raises(InfscopeError, match=r"8 canaries from 10 validation rows would leave fewer than 4"):
+        make_canaries(rows, fraction=0.1, noise="response_swap", seed=0, task="instruction", sources=val)
+
+
+def test_without_canary_sources_removes_exactly_the_copied_validation_rows():
+    val = [{"id": f"v{i}", "output": str(i)} for i in range(6)]
+    record = {"source": "validation", "source_ids": ["v1", "v4"]}
+    assert [r["id"] for r in without_canary_sources(val, record)] == ["v0", "v2", "v3", "v5"]
+    assert without_canary_sources(val, {"source": "train", "source_ids": ["v1"]}) == val
+    assert without_canary_sources(val, None) == val  # no canaries, or runs made before the source existed
+    assert without_canary_sources(val, {"ids": ["canary-1-v1"]}) == val
+
+
+def test_add_canaries_records_validation_source_and_source_ids(tmp_path):
+    from infscope.runs import ModelSpec, RunDir, RunRecord, read_jsonl
+
+    rows = instruction_rows()
+    val = [dict(row, id=f"v-{row['id']}") for row in instruction_rows(30)]
+    run = RunDir.create(
+        tmp_path / "run", RunRecord(kind="finetune", model=ModelSpec(name="tiny-llama"), args={})
+    )
+    train = add_canaries(
+        run,
+        rows,
+        fraction=0.1,
+        noise="response_swap",
+        seed=1,
+        task="instruction",
+        val=val,
+        source="validation",
+    )
+    record = run.record.canaries
+    assert record["source"] == "validation" and len(record["source_ids"]) == len(record["ids"]) == 8
+    assert train[: len(rows)] == rows and [r["id"] for r in train[len(rows) :]] == record["ids"]
+    assert [r["source_id"] for r in read_jsonl(run.layout.canaries)] == record["source_ids"]
+    left = without_canary_sources(val, record)
+    assert len(left) == len(val) - 8 and not {r["id"] for r in left} & set(record["source_ids"])
+    with pytest.raises(
+        InfscopeError, match=r"unknown canary source 'heldout'; use auto, validation or train"
+    ):
+        add_canaries(run, rows, fraction=0.1, noise="grammar", seed=1, task="instruction", source="heldout")
+
+
+@pytest.mark.parametrize(
+    ("n_canaries", "n_validation", "expected"),
+    [
+        (5, 10, "validation"),
+        (6, 10, "train"),
+        (4, 7, "train"),
+        (3, 7, "validation"),
+        (2, 5, "train"),
+        (1, 0, "train"),
+    ],
+)
+def test_auto_canary_source_keeps_half_the_validation_rows(n_canaries, n_validation, expected):
+    assert auto_canary_source(n_canaries, n_validation) == expected

@@ -112,6 +112,13 @@ def finetune_command(
         help="Noise of the canaries: response_swap, label, wrong_answer, a family or operator "
         "(default: response_swap for instruction data, label for classification).",
     ),
+    canary_source: str = typer.Option(
+        "auto",
+        "--canary-source",
+        help="Rows the canaries copy: validation (they then leave the validation set, so no clean twin "
+        "trains beside a canary, as with real noise), train (copies of training rows), or auto: "
+        "validation when half the validation rows stay, else train.",
+    ),
     capture: str | None = typer.Option(
         None,
         "--capture",
@@ -128,7 +135,15 @@ def finetune_command(
     from infscope.data.writing import write_rows
     from infscope.grads.inrun import finetune_with_capture
     from infscope.models.registry import load_spec
-    from infscope.noise.canaries import add_canaries, canary_count, default_canary_noise, resolve_canary_noise
+    from infscope.noise.canaries import (
+        add_canaries,
+        canary_count,
+        check_canary_source,
+        check_validation_left,
+        default_canary_noise,
+        resolve_canary_noise,
+        without_canary_sources,
+    )
     from infscope.runtime import set_threads
 
     set_threads(threads)
@@ -165,7 +180,10 @@ def finetune_command(
             response_only=not full_text,
         )
         if canaries:  # checked before the run directory is made: a bad canary setting writes nothing
-            canary_count(canaries, len(split.train))
+            check_canary_source(canary_source)
+            n_canaries = canary_count(canaries, len(split.train))
+            if canary_source == "validation":
+                check_validation_left(n_canaries, len(split.val))
             resolve_canary_noise(canary_noise or default_canary_noise(split.task), split.train, split.task)
         manifest_path = find_manifest(data, manifest)
         record = RunRecord(
@@ -185,6 +203,7 @@ def finetune_command(
                 "config": config.to_dict(),
                 "canaries": canaries or None,
                 "canary_noise": (canary_noise or default_canary_noise(split.task)) if canaries else None,
+                "canary_source": canary_source if canaries else None,
             },
         )
         run = RunDir.create(out, record, overwrite=overwrite)
@@ -203,10 +222,13 @@ def finetune_command(
                 seed=seed,
                 task=split.task,
                 label_names=split.label_names,
+                val=split.val,
+                source=canary_source,
             )
             run.save()
         runs.append(run)
-        return spec, list(train_rows), list(split.val), len(train_rows) - len(split.train)
+        val_rows = without_canary_sources(split.val, run.record.canaries)
+        return spec, list(train_rows), val_rows, len(train_rows) - len(split.train)
 
     spec, train_rows, val_rows, n_canaries = ddp.run_on_main(prepare)
     run = runs[0] if runs else None
@@ -215,7 +237,11 @@ def finetune_command(
         if run is not None:
             console.print(
                 f"fine-tuning {model} on {len(train_rows)} rows ({len(val_rows)} validation"
-                + (f", {n_canaries} canaries" if canaries else "")
+                + (
+                    f", {n_canaries} canaries copied from {run.record.canaries['source']} rows"
+                    if canaries
+                    else ""
+                )
                 + "), "
                 f"{epochs} epochs, LoRA r={rank}"
                 + (f", {ddp.world_size()} processes" if ddp.is_distributed() else "")

@@ -120,6 +120,11 @@ def demo_command(
     canary_noise: str | None = typer.Option(
         None, "--canary-noise", help="Noise of the canaries (see finetune)."
     ),
+    canary_source: str = typer.Option(
+        PC["canary_source"],
+        "--canary-source",
+        help="Rows the canaries copy: validation or train (see finetune).",
+    ),
     threads: Threads = None,
     report: bool = typer.Option(True, "--report/--no-report", help="Write RUN/report.html at the end."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run made with other arguments."),
@@ -144,6 +149,7 @@ def demo_command(
         methods=tuple(methods.split(",")),
         canaries=canaries or None,
         canary_noise=canary_noise if canaries else None,
+        canary_source=canary_source,
         checkpoint=checkpoint,
         seed=seed,
         device=device,

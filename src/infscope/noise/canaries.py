@@ -12,6 +12,17 @@ The copies are corrupted in the context of the whole dataset: donors for a respo
 rows' outputs and the classes of a label flip are every class in the data (the change happens only
 in the copy). The generator runs with a seed derived from ``seed``, so canaries never copy the very
 rows, or repeat the very edits, of ``infscope noise`` run with the same seed.
+
+**Where canaries come from.** A canary copied from a training row trains beside its clean twin, and
+a model that sees the same prompt with two answers shows a conflict no real noisy row has: detectors
+that measure the conflict (margins, AUM, the contrastive prompt margin) rank such canaries far higher
+than real noise, and the choice made on them is wrong. With ``source="validation"`` (the default of
+``infscope finetune``) canaries copy *validation* rows instead; those rows then leave the validation
+set of the run (no query, no checkpoint choice sees the clean twin), so each canary is, like real
+noise, the only version of its example the model ever sees. ``source="train"`` keeps the older
+behaviour, and ``source="auto"`` (the default) takes validation rows when the validation set keeps
+at least half its rows (and :data:`MIN_VALIDATION_LEFT`) afterwards, training rows otherwise; the run
+records the source used.
 """
 
 from __future__ import annotations
@@ -38,6 +49,10 @@ MAX_FRACTION = 0.5
 ALIASES = {"wrong_answer": "wrong_numeric", "wrong_answers": "wrong_numeric"}
 #: Extra source rows tried at first, beyond the ones needed, in case some cannot take the noise.
 _SLACK = 0.25
+#: Where canaries copy their rows from (see the module docstring); ``auto`` picks one per run.
+SOURCES = ("auto", "validation", "train")
+#: Validation rows that must stay after validation-sourced canaries take theirs (queries, checkpoint choice).
+MIN_VALIDATION_LEFT = 4
 
 
 @dataclass
@@ -179,8 +194,12 @@ def make_canaries(
     seed: int,
     task: str,
     label_names: Sequence[Any] | None = None,
+    sources: Sequence[Mapping[str, Any]] | None = None,
 ) -> CanarySet:
     """Copy ``round(fraction * len(rows))`` seeded rows under new ids and corrupt every copy.
+
+    ``sources``, when given, are the rows the canaries copy (held-out validation rows); ``rows`` then
+    only set the count and serve as context (donors of swapped responses, classes of flipped labels).
 
     The noise generator picks rows exactly as ``infscope noise`` does (order-independent hashing,
     with :func:`noise_seed`); rows where the named noise cannot apply (no number to change, no donor)
@@ -190,29 +209,41 @@ def make_canaries(
     order of ``rows``. Fewer usable rows than needed is an error. ``rows`` are never modified.
     """
     k = canary_count(fraction, len(rows))
+    if sources is not None:
+        check_validation_left(k, len(sources))
     weights = resolve_canary_noise(noise, rows, task)
     used_seed = noise_seed(seed)
-    n = len(rows)
+    pool = list(rows) if sources is None else [*sources, *rows]
+    n_sources = len(pool) if sources is None else len(sources)
+    n = len(pool)
     tried = min(n, k + max(2, math.ceil(_SLACK * k)))
+    if sources is not None:  # the generator picks across the pool; enough of its picks must be sources
+        tried = min(n, math.ceil(tried * n / max(1, n_sources)))
     while True:
         result = inject_noise(
-            rows, task=task, ratio=tried / n, weights=weights, seed=used_seed, label_names=label_names
+            pool, task=task, ratio=tried / n, weights=weights, seed=used_seed, label_names=label_names
         )
-        usable = np.flatnonzero([_as_named(record, weights) for record in result.manifest])
+        usable = np.flatnonzero([_as_named(record, weights) for record in result.manifest[:n_sources]])
         if usable.size >= k or tried == n:
             break
         tried = min(n, 2 * tried)
     if usable.size < k:
         names = ", ".join(weights)
-        raise InfscopeError(
-            f"only {usable.size} of {n} rows can take canary noise {names} but {k} canaries are needed; "
+        where = "rows" if sources is None else "validation rows"
+        fix = (
             "use a smaller --canaries fraction or another --canary-noise"
+            if sources is None
+            else "use a smaller --canaries fraction, a larger validation set, or --canary-source train"
         )
-    ids = [str(row["id"]) for row in rows]
+        raise InfscopeError(
+            f"only {usable.size} of {n_sources} {where} can take canary noise {names} but {k} canaries "
+            f"are needed; {fix}"
+        )
+    ids = [str(row["id"]) for row in pool]
     usable_ids = [ids[i] for i in usable]
     chosen = usable[hash_order(used_seed, usable_ids, "canary")[:k]]
-    sources = [ids[i] for i in chosen]
-    canary_ids = _canary_ids(sources, set(ids))
+    source_ids = [ids[i] for i in chosen]
+    canary_ids = _canary_ids(source_ids, set(ids))
     canary_rows: list[dict[str, Any]] = []
     manifest: list[dict[str, Any]] = []
     for i, canary_id in zip(chosen.tolist(), canary_ids, strict=True):
@@ -247,18 +278,31 @@ def add_canaries(
     seed: int,
     task: str,
     label_names: Sequence[Any] | None = None,
+    val: Sequence[Mapping[str, Any]] | None = None,
+    source: str = "train",
 ) -> list[dict[str, Any]]:
-    """Training rows plus canaries, recorded in ``run`` (ids, noise, manifest at ``data/canaries.jsonl``).
+    """Training rows plus canaries, recorded in ``run`` (ids, noise, source, manifest at ``data/canaries.jsonl``).
 
-    Canaries are made once per run (stage ``canaries``) and reread on resume, so a resumed
-    fine-tune trains on exactly the same rows. The user's rows are returned unchanged, first.
+    ``source="validation"`` copies rows of ``val`` (see the module docstring); the run then records
+    their ids, and :func:`without_canary_sources` removes them from the validation rows. Canaries are
+    made once per run (stage ``canaries``) and reread on resume, so a resumed fine-tune trains on
+    exactly the same rows. The user's rows are returned unchanged, first.
     """
     from infscope.data.manifest import write_manifest
 
+    check_canary_source(source)
+    if source == "auto":
+        source = auto_canary_source(canary_count(fraction, len(train)), len(val or []))
     if not run.done("canaries"):
         with run.stage("canaries") as rec:
             made = make_canaries(
-                train, fraction=fraction, noise=noise, seed=seed, task=task, label_names=label_names
+                train,
+                fraction=fraction,
+                noise=noise,
+                seed=seed,
+                task=task,
+                label_names=label_names,
+                sources=list(val or []) if source == "validation" else None,
             )
             write_rows(made.rows, run.layout.canary_rows)
             write_manifest(made.manifest, run.layout.canaries)
@@ -267,10 +311,46 @@ def add_canaries(
                 "noise": noise,
                 "weights": made.weights,
                 "ids": made.ids,
+                "source": source,
+                "source_ids": made.source_ids,
                 "manifest": "data/canaries.jsonl",
             }
-            rec.info.update(rows=len(made.ids), noise=noise)
+            rec.info.update(rows=len(made.ids), noise=noise, source=source)
     return list(train) + read_jsonl(run.layout.canary_rows)
+
+
+def check_canary_source(source: str) -> None:
+    """A one-line error unless ``source`` is one of :data:`SOURCES`."""
+    if source not in SOURCES:
+        raise InfscopeError(
+            f"unknown canary source {source!r}; use {', '.join(SOURCES[:-1])} or {SOURCES[-1]}"
+        )
+
+
+def check_validation_left(n_canaries: int, n_validation: int) -> None:
+    """A one-line error when validation-sourced canaries would leave too few validation rows."""
+    if n_validation - n_canaries < MIN_VALIDATION_LEFT:
+        raise InfscopeError(
+            f"{n_canaries} canaries from {n_validation} validation rows would leave fewer than "
+            f"{MIN_VALIDATION_LEFT} for validation; use a smaller --canaries fraction, a larger validation "
+            "set, or --canary-source train"
+        )
+
+
+def auto_canary_source(n_canaries: int, n_validation: int) -> str:
+    """``validation`` when that many canaries leave half the validation rows (and at least 4), else ``train``."""
+    left = n_validation - n_canaries
+    return "validation" if left >= max(MIN_VALIDATION_LEFT, math.ceil(n_validation / 2)) else "train"
+
+
+def without_canary_sources(
+    val: Sequence[Mapping[str, Any]], canaries: Mapping[str, Any] | None
+) -> list[dict[str, Any]]:
+    """The validation rows a run uses: all of them, minus the rows validation-sourced canaries copied."""
+    if not canaries or canaries.get("source") != "validation":
+        return [dict(row) for row in val]
+    taken = {str(i) for i in canaries.get("source_ids", [])}
+    return [dict(row) for row in val if str(row["id"]) not in taken]
 
 
 def default_canary_noise(task: str) -> str:

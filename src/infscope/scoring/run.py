@@ -17,6 +17,7 @@ from infscope.data.loading import load_rows
 from infscope.data.splits import split_validation
 from infscope.errors import InfscopeError
 from infscope.grads.store import INDEX_FILE, GradientStore
+from infscope.noise.canaries import without_canary_sources
 from infscope.runs import ModelSpec, RunDir, RunLayout, RunRecord, file_fingerprint, read_jsonl
 
 
@@ -163,6 +164,7 @@ def open_run(path: str | os.PathLike) -> OpenedRun:
     record = run.record
     checkpoints, best = _checkpoints(run)
     train, val, notes = _rows(run)
+    val = without_canary_sources(val, record.canaries)
     spec = record.model
     if spec.task != _row_task(train):
         spec.task = _row_task(train)
