@@ -289,6 +289,23 @@ SETTINGS = {
                 "noise_weights": "wrong_numeric=1",
                 "canaries": 0.1,
                 "canary_noise": "wrong_answer",
+                "canary_source": "train",
+            },
+            SWAP_GOAL,
+            "canary_answers",
+        ),
+        Setting(
+            "math_wrong_canary_val",
+            "math_wrong_canary with the canaries copied from validation rows (`--canary-source auto` picks "
+            "validation here): 3 validation rows per class, 12 of 30 become canaries, 18 stay (20 in "
+            "math_wrong_canary); training rows and noise as in math_wrong_canary",
+            {
+                "dataset": "math_reason",
+                "noise_weights": "wrong_numeric=1",
+                "val_per_class": 3,
+                "canaries": 0.1,
+                "canary_noise": "wrong_answer",
+                "canary_source": "auto",
             },
             SWAP_GOAL,
             "canary_answers",
@@ -302,6 +319,7 @@ SETTINGS = {
                 "noise_weights": "response_swap=1",
                 "canaries": 0.1,
                 "canary_noise": "response_swap",
+                "canary_source": "train",
             },
             SWAP_GOAL,
             "canary",
@@ -314,6 +332,7 @@ SETTINGS = {
                 "noise_weights": "response_swap=1",
                 "canaries": 0.1,
                 "canary_noise": "response_swap",
+                "canary_source": "train",
             },
             SWAP_GOAL,
             "canary",
@@ -332,6 +351,27 @@ SETTINGS = {
                 "max_length": 64,
                 "canaries": 0.1,
                 "canary_noise": "label",
+                "canary_source": "train",
+            },
+            (0.90, None),
+            "canary_cls",
+        ),
+        Setting(
+            "sections_flip_canary_val",
+            "sections_flip_canary with the canaries copied from validation rows (`--canary-source auto`): "
+            "3 validation rows per class, 12 of 30 become canaries, 18 stay",
+            {
+                "dataset": "debian_sections",
+                "noise_weights": "label_flip=1",
+                "model": "minilm",
+                "lora_layers": None,
+                "epochs": 10,
+                "lr": 3e-3,
+                "max_length": 64,
+                "val_per_class": 3,
+                "canaries": 0.1,
+                "canary_noise": "label",
+                "canary_source": "auto",
             },
             (0.90, None),
             "canary_cls",
@@ -916,6 +956,20 @@ def collect(settings: list[str], seeds: list[int]) -> dict[str, dict[int, dict]]
     return out
 
 
+def previous_results() -> tuple[dict[str, dict[int, dict]], dict[str, Any]]:
+    """Metrics and stages of the last written ``detectors.json`` (empty when there is none)."""
+    path = RESULTS / "detectors.json"
+    if not path.is_file():
+        return {}, {}
+    old = json.loads(path.read_text())
+    metrics = {
+        name: {int(seed): m for seed, m in per_seed.items()}
+        for name, per_seed in old.get("metrics", {}).items()
+        if name in SETTINGS
+    }
+    return metrics, dict(old.get("stages", {}))
+
+
 def write_results(metrics: dict[str, dict[int, dict]], stages: dict[str, Any]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "detectors.json").write_text(
@@ -967,13 +1021,15 @@ def main() -> None:
             for seed in seeds:
                 run_one(SETTINGS[name], seed, log, args.model)
     every = [s for s in SETTINGS if (ROOT / s).is_dir()]
-    metrics = collect(every, list(range(10)))
-    stages = {
-        f"{s}/seed-{k}": json.loads((ROOT / s / f"seed-{k}" / "run.json").read_text()).get("stages", {})
-        for s in metrics
-        for k in metrics[s]
-    }
-    write_results(metrics, stages)
+    fresh = collect(every, list(range(10)))
+    metrics, stages = previous_results()  # runs made on another machine keep their rows
+    for name, per_seed in fresh.items():
+        metrics.setdefault(name, {}).update(per_seed)
+        for k in per_seed:
+            run_json = ROOT / name / f"seed-{k}" / "run.json"
+            stages[f"{name}/seed-{k}"] = json.loads(run_json.read_text()).get("stages", {})
+    ordered = {name: dict(sorted(metrics[name].items())) for name in SETTINGS if name in metrics}
+    write_results(ordered, stages)
     log(f"tables for {', '.join(metrics)} in {RESULTS / 'detectors.md'}")
 
 

@@ -198,6 +198,10 @@ def test_resume_after_an_interruption_in_round_2(files, finished, tmp_path, monk
         (["--k", "0"], "0 rows"),
         (["--select", "best"], "--select 'best' is not val or test"),
         (["--select-metric", "exact_match"], "not measured on this data"),
+        (["--canaries", "0.1", "--canary-source", "heldout"], "unknown canary source 'heldout'"),
+        (["--canaries", "0.5", "--canary-source", "validation"], "--canary-source train"),
+        (["--canaries", "0.1", "--canary-noise", "response_swap"], "canary"),
+        (["--method", "fusion"], "method fusion chooses on canaries; pass --canaries 0.05"),
     ],
 )
 def test_bad_inputs_exit_2_and_write_nothing(files, tmp_path, capsys, args, message):
@@ -228,3 +232,27 @@ def test_bad_inputs_on_instruction_data(files, tmp_path, capsys, args, message):
     assert main(argv) == 2
     assert message in " ".join(capsys.readouterr().err.split())
     assert not out.exists()
+
+
+def test_canaries_train_in_every_round_and_never_reach_outputs(files, tmp_path):
+    """``--canaries``: each round trains on the rows plus seeded label-flip canaries, scores them
+    (canary AUROC in the table), never acts on one, and no output names them."""
+    from infscope.noise.canaries import canary_count
+    from infscope.runs import RunDir
+    from infscope.scoring import open_run
+
+    out = tmp_path / "out"
+    result = run_clean(_config(files, rounds=1, baselines=False, canaries=0.2, canary_source="train"), out)
+    made: set[str] = set()
+    for r in (0, 1):
+        run_dir = out / "rounds" / f"round-{r}"
+        canaries = RunDir.open(run_dir).record.canaries
+        assert canaries["source"] == "train"
+        assert len(canaries["ids"]) == canary_count(0.2, result.table[r]["rows"])
+        assert set(canaries["ids"]) <= {str(row["id"]) for row in open_run(run_dir).train}
+        assert 0.0 <= result.table[r]["canary_auroc"] <= 1.0
+        made |= set(canaries["ids"])
+    dropped = {json.loads(line)["id"] for line in (out / "rounds" / "round-1.changes.jsonl").open()}
+    assert len(dropped) == 4 and not dropped & made
+    assert not made & set(pd.read_csv(result.cleaned)["id"].astype(str))
+    assert not made & {str(json.loads(line).get("id")) for line in result.audit.open() if line.strip()}

@@ -60,6 +60,7 @@ from infscope.data.readers import rows_fingerprint
 from infscope.data.training import find_manifest, label_names_for
 from infscope.data.writing import write_rows
 from infscope.errors import InfscopeError
+from infscope.estimators.inputs import CANARIES
 from infscope.estimators.registry import get_method
 from infscope.estimators.scores import Scores
 from infscope.evaluate.jsonable import to_jsonable
@@ -94,8 +95,10 @@ class CleanConfig:
     spec (``local:MODEL`` or ``openai:URL#MODEL``); ``select`` whether rounds are kept and stopped
     by the validation (``val``) or the test (``test``) metric, and ``select_metric`` which metric
     (default: the task's primary one, accuracy or exact match; ``loss`` is finer-grained on a small
-    validation set). Fine-tuning settings mirror
-    ``infscope demo``.
+    validation set). ``canaries`` (a fraction), ``canary_noise`` and ``canary_source`` add the
+    seeded corrupted rows of ``infscope finetune --canaries`` to every round's training set, so that
+    ``--method fusion`` calibrates on them; they are never acted on and never in any output.
+    Fine-tuning settings mirror ``infscope demo``.
     """
 
     data: str
@@ -127,13 +130,23 @@ class CleanConfig:
     baselines: bool = True
     select: str = "val"
     select_metric: str | None = None
+    canaries: float = 0.0
+    canary_noise: str | None = None
+    canary_source: str = "auto"
 
     def __post_init__(self) -> None:
+        from infscope.noise.canaries import check_canary_source
+
+        check_canary_source(self.canary_source)
         if int(self.rounds) < 1:
             raise InfscopeError(f"--rounds {self.rounds} runs no cleaning round; pass --rounds 1 or more")
         if self.action not in ACTIONS:
             raise InfscopeError(f"unknown action {self.action!r}; use one of {', '.join(ACTIONS)}")
         self.method = get_method(self.method).name
+        if CANARIES in get_method(self.method).needs and not self.canaries:
+            raise InfscopeError(
+                f"method {self.method} chooses on canaries; pass --canaries 0.05 (or another --method)"
+            )
         self.budget  # noqa: B018 - parse --k now, so a bad budget fails before anything is written
         if not (math.isfinite(self.margin) and self.margin >= 0):
             raise InfscopeError(f"--margin {self.margin} must be a number >= 0; pass e.g. --margin 0.5")
@@ -286,12 +299,52 @@ def prepare(cfg: CleanConfig, columns: ColumnMap | None = None, expert: Any = No
         expert = expert_from_spec(cfg.expert)
         if hasattr(expert, "check"):
             expert.check()
+    if cfg.canaries:
+        _check_canaries(cfg, data.rows, val, task)
     manifest_path = find_manifest(cfg.data, cfg.manifest)
     noisy = None
     if manifest_path is not None:
         frame = read_manifest(manifest_path, train_ids=[r["id"] for r in data.rows])
         noisy = set(frame.loc[frame["is_noisy"], "id"].astype(str))
     return _Prepared(data, task, label_names, val, test, manifest_path, noisy, expert)
+
+
+def _check_canaries(cfg: CleanConfig, rows: list[dict], val: list[dict], task: str) -> None:
+    """Refuse a canary setting that cannot apply to these rows before anything is written."""
+    from infscope.noise.canaries import (
+        canary_count,
+        check_validation_left,
+        default_canary_noise,
+        resolve_canary_noise,
+    )
+
+    n = canary_count(cfg.canaries, len(rows))
+    if cfg.canary_source == "validation":
+        check_validation_left(n, len(val))
+    resolve_canary_noise(cfg.canary_noise or default_canary_noise(task), rows, task)
+
+
+def _with_canaries(
+    cfg: CleanConfig, prep: _Prepared, run: RunDir, rows: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A round's training rows plus its canaries, and the validation rows the canaries left."""
+    from infscope.noise.canaries import add_canaries, default_canary_noise, without_canary_sources
+
+    if not cfg.canaries:
+        return rows, prep.val
+    train = add_canaries(
+        run,
+        rows,
+        fraction=cfg.canaries,
+        noise=cfg.canary_noise or default_canary_noise(prep.task),
+        seed=cfg.seed,
+        task=prep.task,
+        label_names=prep.label_names,
+        val=prep.val,
+        source=cfg.canary_source,
+    )
+    run.save()
+    return train, without_canary_sources(prep.val, run.record.canaries)
 
 
 # ---------------------------------------------------------------- one trained round
@@ -414,6 +467,15 @@ def train_round(
             "weights": _weights_digest(weights),
             "model": cfg.model,
             "config": ft.to_dict(),
+            **(
+                {
+                    "canaries": cfg.canaries,
+                    "canary_noise": cfg.canary_noise,
+                    "canary_source": cfg.canary_source,
+                }
+                if cfg.canaries
+                else {}
+            ),
         },
     )
     cached = Path(reuse) / _reuse_key(cfg, prep, record) if reuse is not None else None
@@ -425,12 +487,13 @@ def train_round(
             write_rows(rows, run.layout.train)
             write_rows(prep.val, run.layout.val)
             rec.info.update(train_rows=len(rows), val_rows=len(prep.val), task=prep.task)
+    train, val = _with_canaries(cfg, prep, run, rows)
     if not run.done("finetune"):
         with run.stage("finetune") as rec:
             loaded = load_spec(spec)
             labels = spec.label_names if prep.task == "classification" else None
             result = finetune(
-                loaded, rows, prep.val, ft, run.layout.finetune, label_names=labels, weights=weights or None
+                loaded, train, val, ft, run.layout.finetune, label_names=labels, weights=weights or None
             )
             rec.info.update(best=result.best.path, epochs=len(result.checkpoints))
     if not RunLayout(run_dir).scores(cfg.method).is_file():  # a copied round may hold other methods only
@@ -440,7 +503,7 @@ def train_round(
     by_id = dict(zip(scores.train_ids, scores.vector(), strict=True))
     vector = np.array([by_id.get(str(r["id"]), np.nan) for r in rows], dtype=np.float64)
     loaded = None
-    for stage, split in (("test", prep.test), ("val", prep.val)):
+    for stage, split in (("test", prep.test), ("val", val)):
         if not run.done(stage):
             with run.stage(stage) as rec:
                 loaded = loaded or tuned_model(run_dir, cfg.checkpoint)
@@ -457,6 +520,8 @@ def train_round(
                 )
     metrics = {k: float(v) for k, v in run.stage_info("test").items()}
     metrics.update({f"{VAL}{k}": float(v) for k, v in run.stage_info("val").items()})
+    if scores.meta.get("canary_auroc") is not None:  # how well the round's scores find its canaries
+        metrics["canary_auroc"] = float(scores.meta["canary_auroc"])
     if cached is not None and not cached.exists():
         _copy_run(run_dir, cached)
     return RoundResult(name, run_dir, rows, dict(weights), vector, metrics)

@@ -36,7 +36,10 @@ def _round_table(result: Any) -> Table:
     columns = ["round", "rows", "changed", "cumulative", result.metric]
     if result.metric != "loss":
         columns.append("loss")
-    columns += [f"val_{result.metric}", "gain", "kept"]
+    columns += [f"val_{result.metric}", "gain"]
+    if any(row.get("canary_auroc") is not None for row in result.table):
+        columns.append("canary_auroc")
+    columns.append("kept")
     for column in columns:
         table.add_column(column, justify="left" if column == "kept" else "right")
     for row in result.table:
@@ -46,7 +49,10 @@ def _round_table(result: Any) -> Table:
     for name, base in result.baselines.items():
         cells = {"round": name, "changed": base.get("rows_changed"), **base}
         table.add_row(
-            *["" if c in ("kept", "gain", "rows", "cumulative") else _fmt(cells.get(c)) for c in columns]
+            *[
+                "" if c in ("kept", "gain", "rows", "cumulative", "canary_auroc") else _fmt(cells.get(c))
+                for c in columns
+            ]
         )
     return table
 
@@ -109,6 +115,20 @@ def clean_command(
     baselines: bool = typer.Option(
         True, "--baselines/--no-baselines", help="Train the random and oracle baselines."
     ),
+    canaries: float = typer.Option(
+        0.0,
+        "--canaries",
+        help="Add this fraction of seeded corrupted rows to every round so --method fusion calibrates "
+        "on them (never acted on, never in outputs).",
+    ),
+    canary_noise: str | None = typer.Option(
+        None,
+        "--canary-noise",
+        help="Noise of the canaries (default: response_swap, or label for classification).",
+    ),
+    canary_source: str = typer.Option(
+        "auto", "--canary-source", help="Rows the canaries copy: auto, validation or train (see `finetune`)."
+    ),
     device: Device = "cpu",
     dtype: Dtype = "float32",
     undo: Path | None = typer.Option(
@@ -161,6 +181,9 @@ def clean_command(
         baselines=baselines,
         select=select,
         select_metric=select_metric,
+        canaries=canaries,
+        canary_noise=canary_noise,
+        canary_source=canary_source,
     )
     result = run_clean(
         cfg, out, columns=columns, overwrite=overwrite, log=lambda m: console.print(f"[bold]>[/] {m}")
