@@ -325,6 +325,21 @@ SETTINGS = {
             "canary",
         ),
         Setting(
+            "demo_swap_canary_val",
+            "demo_swap_canary with the canaries copied from validation rows (`--canary-source auto`): "
+            "3 validation rows per class, 12 of 30 become canaries, 18 stay",
+            {
+                "dataset": "sentence_transform",
+                "noise_weights": "response_swap=1",
+                "val_per_class": 3,
+                "canaries": 0.1,
+                "canary_noise": "response_swap",
+                "canary_source": "auto",
+            },
+            SWAP_GOAL,
+            "canary_answers",
+        ),
+        Setting(
             "describe_swap_canary",
             "describe_swap with 10 % response-swap canaries",
             {

@@ -400,3 +400,28 @@ def test_run_inputs_free_their_gradients_and_models_with_them(run_copy):
     del inputs
     gc.collect()
     assert ref() is None
+
+
+def test_demo_canaries_from_validation_rows_leave_the_validation_set(tmp_path, capsys):
+    """``auto`` takes validation rows when half the validation set stays: 1 canary of 24 rows, 6 -> 5 rows."""
+    from infscope.noise.canaries import canary_count
+    from infscope.runs import RunDir, read_jsonl
+    from infscope.scoring import open_run
+
+    out = tmp_path / "canary"
+    cfg = {**SMALL, "epochs": 1, "methods": ("loss",), "canaries": 0.05}
+    run_pipeline(PipelineConfig(**cfg), out)
+    canaries = RunDir.open(out).record.canaries
+    written_val = read_jsonl(RunLayout(out).val)
+    assert canaries["source"] == "validation"
+    assert len(canaries["source_ids"]) == canary_count(0.05, 24) == 1
+    opened = open_run(out)
+    assert [r["id"] for r in opened.val] == [
+        r["id"] for r in written_val if r["id"] not in canaries["source_ids"]
+    ]
+    canary_rows = {r["id"]: r for r in opened.train if r["id"] in canaries["ids"]}
+    source = next(r for r in written_val if r["id"] == canaries["source_ids"][0])
+    (canary,) = canary_rows.values()
+    assert canary["instruction"] == source["instruction"] and canary["output"] != source["output"]
+    with pytest.raises(InfscopeError, match="unknown canary source"):
+        PipelineConfig(**{**cfg, "canary_source": "test"})
