@@ -67,6 +67,8 @@ FULL = {
     "sections_model": "minilm",
     "math_model": "smollm2-135m",
 }
+#: A smaller size for the slow instruction setting (SmolLM2 + greedy generation): 120 / 30 / 100 rows.
+SMALL = {**FULL, "train_per_class": 12, "val_per_class": 3, "test_per_class": 10}
 QUICK = {
     "classes": 3,
     "train_per_class": 8,
@@ -129,7 +131,7 @@ def actions_for(name: str, expert: str | None, chosen: str | None = None) -> lis
 
 def variant_name(args: argparse.Namespace) -> str:
     """A short name of the loop settings that differ from the defaults (the runs' folder and table column)."""
-    parts = [f"e{args.epochs}"]
+    parts = [f"e{args.epochs}"] + (["small"] if getattr(args, "size", "full") == "small" else [])
     if args.k != "10%":
         parts.append(f"k{args.k.replace('%', 'pct').replace(':', '')}")
     if args.strength != 1.0:
@@ -174,7 +176,7 @@ def _record(name: str, seed: int, method: str, action: str, variant: str, result
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    size = QUICK if args.quick else FULL
+    size = QUICK if args.quick else SMALL if args.size == "small" else FULL
     root = Path(args.out)
     variant = variant_name(args)
     results = root / "results.json"
@@ -339,6 +341,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--expert", default=None, help="Repair expert for the math setting (e.g. local:smollm2-135m)."
+    )
+    parser.add_argument(
+        "--size", default="full", choices=["full", "small"], help="small: 12 / 3 / 10 rows per class."
     )
     parser.add_argument("--table-only", action="store_true", help="Only rewrite table.md from results.json.")
     args = parser.parse_args()
