@@ -186,6 +186,17 @@ class Setting:
 
 
 SWAP_GOAL = (0.95, 0.85)
+#: debian_sections label flips on MiniLM + LoRA (no SmolLM2 classification head), and its 10-epoch variant.
+SECTIONS_FLIP = {
+    "dataset": "debian_sections",
+    "noise_weights": "label_flip=1",
+    "model": "minilm",
+    "lora_layers": None,
+    "max_length": 64,
+}
+SECTIONS_E10 = {**SECTIONS_FLIP, "epochs": 10, "lr": 3e-3}
+#: 10 % canaries copied from validation rows: 3 validation rows per class, 12 of 30 become canaries.
+VAL_CANARIES = {"val_per_class": 3, "canaries": 0.1, "canary_source": "auto"}
 BASE = {"classes": 10, "train_per_class": 12, "val_per_class": 2, "noise_ratio": 0.2, "lora_layers": "top:10"}
 SETTINGS = {
     s.name: s
@@ -201,14 +212,7 @@ SETTINGS = {
             "sections_flip",
             "debian_sections (real package descriptions -> archive section), 20 % label flips; "
             "MiniLM + LoRA classifier, 3 epochs, max 64 tokens (SmolLM2 has no classification head here)",
-            {
-                "dataset": "debian_sections",
-                "noise_weights": "label_flip=1",
-                "model": "minilm",
-                "lora_layers": None,
-                "epochs": 3,
-                "max_length": 64,
-            },
+            {**SECTIONS_FLIP, "epochs": 3},
             (0.90, None),
             "full",
         ),
@@ -248,14 +252,7 @@ SETTINGS = {
         Setting(
             "sections_flip_heldout",
             "sections_flip on seeds not used to design text_oof (3 epochs, MiniLM; loss, dynamics, text_oof)",
-            {
-                "dataset": "debian_sections",
-                "noise_weights": "label_flip=1",
-                "model": "minilm",
-                "lora_layers": None,
-                "epochs": 3,
-                "max_length": 64,
-            },
+            {**SECTIONS_FLIP, "epochs": 3},
             (0.90, None),
             "heldout_cls",
         ),
@@ -302,10 +299,8 @@ SETTINGS = {
             {
                 "dataset": "math_reason",
                 "noise_weights": "wrong_numeric=1",
-                "val_per_class": 3,
-                "canaries": 0.1,
+                **VAL_CANARIES,
                 "canary_noise": "wrong_answer",
-                "canary_source": "auto",
             },
             SWAP_GOAL,
             "canary_answers",
@@ -331,10 +326,8 @@ SETTINGS = {
             {
                 "dataset": "sentence_transform",
                 "noise_weights": "response_swap=1",
-                "val_per_class": 3,
-                "canaries": 0.1,
+                **VAL_CANARIES,
                 "canary_noise": "response_swap",
-                "canary_source": "auto",
             },
             SWAP_GOAL,
             "canary_answers",
@@ -356,18 +349,7 @@ SETTINGS = {
             "sections_flip_canary",
             "sections_flip_e10 (10 epochs, MiniLM) with 10 % label-flip canaries: fusion, and each method's "
             "checkpoint chosen on the canaries (`@canary`)",
-            {
-                "dataset": "debian_sections",
-                "noise_weights": "label_flip=1",
-                "model": "minilm",
-                "lora_layers": None,
-                "epochs": 10,
-                "lr": 3e-3,
-                "max_length": 64,
-                "canaries": 0.1,
-                "canary_noise": "label",
-                "canary_source": "train",
-            },
+            {**SECTIONS_E10, "canaries": 0.1, "canary_noise": "label", "canary_source": "train"},
             (0.90, None),
             "canary_cls",
         ),
@@ -375,19 +357,7 @@ SETTINGS = {
             "sections_flip_canary_val",
             "sections_flip_canary with the canaries copied from validation rows (`--canary-source auto`): "
             "3 validation rows per class, 12 of 30 become canaries, 18 stay",
-            {
-                "dataset": "debian_sections",
-                "noise_weights": "label_flip=1",
-                "model": "minilm",
-                "lora_layers": None,
-                "epochs": 10,
-                "lr": 3e-3,
-                "max_length": 64,
-                "val_per_class": 3,
-                "canaries": 0.1,
-                "canary_noise": "label",
-                "canary_source": "auto",
-            },
+            {**SECTIONS_E10, **VAL_CANARIES, "canary_noise": "label"},
             (0.90, None),
             "canary_cls",
         ),
@@ -402,15 +372,7 @@ SETTINGS = {
         Setting(
             "sections_flip_e10",
             "direction: sections_flip trained 10 epochs at lr 3e-3 (MiniLM)",
-            {
-                "dataset": "debian_sections",
-                "noise_weights": "label_flip=1",
-                "model": "minilm",
-                "lora_layers": None,
-                "epochs": 10,
-                "lr": 3e-3,
-                "max_length": 64,
-            },
+            SECTIONS_E10,
             (0.90, None),
             "lite",
         ),

@@ -63,7 +63,7 @@ class PipelineConfig:
     grad_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        from infscope.noise.canaries import check_canary_source
+        from infscope.noise.canaries import canary_count, check_canary_source, check_validation_left
         from infscope.scoring.methods import parse_methods  # deferred: the registry imports torch
 
         self.methods = tuple(parse_methods(list(self.methods), keep_all=True))
@@ -74,6 +74,11 @@ class PipelineConfig:
                 "checkpoint 'canary' needs canaries; pass --canaries 0.05 (or choose best, last, all)"
             )
         check_canary_source(self.canary_source)
+        if self.canaries and self.canary_source == "validation":  # built-in sizes are known: refuse now
+            check_validation_left(
+                canary_count(self.canaries, self.classes * self.train_per_class),
+                self.classes * self.val_per_class,
+            )
         if self.checkpoint not in CHECKPOINT_CHOICES:
             raise InfscopeError(
                 f"checkpoint {self.checkpoint!r} is not one of {', '.join(CHECKPOINT_CHOICES)}"

@@ -425,3 +425,5 @@ def test_demo_canaries_from_validation_rows_leave_the_validation_set(tmp_path, c
     assert canary["instruction"] == source["instruction"] and canary["output"] != source["output"]
     with pytest.raises(InfscopeError, match="unknown canary source"):
         PipelineConfig(**{**cfg, "canary_source": "test"})
+    with pytest.raises(InfscopeError, match="would leave fewer than 4 for validation"):  # 6 of 6 rows
+        PipelineConfig(**{**cfg, "canaries": 0.25, "canary_source": "validation"})

@@ -300,28 +300,15 @@ def prepare(cfg: CleanConfig, columns: ColumnMap | None = None, expert: Any = No
         if hasattr(expert, "check"):
             expert.check()
     if cfg.canaries:
-        _check_canaries(cfg, data.rows, val, task)
+        from infscope.noise.canaries import check_canary_setting
+
+        check_canary_setting(cfg.canaries, cfg.canary_noise, cfg.canary_source, data.rows, val, task)
     manifest_path = find_manifest(cfg.data, cfg.manifest)
     noisy = None
     if manifest_path is not None:
         frame = read_manifest(manifest_path, train_ids=[r["id"] for r in data.rows])
         noisy = set(frame.loc[frame["is_noisy"], "id"].astype(str))
     return _Prepared(data, task, label_names, val, test, manifest_path, noisy, expert)
-
-
-def _check_canaries(cfg: CleanConfig, rows: list[dict], val: list[dict], task: str) -> None:
-    """Refuse a canary setting that cannot apply to these rows before anything is written."""
-    from infscope.noise.canaries import (
-        canary_count,
-        check_validation_left,
-        default_canary_noise,
-        resolve_canary_noise,
-    )
-
-    n = canary_count(cfg.canaries, len(rows))
-    if cfg.canary_source == "validation":
-        check_validation_left(n, len(val))
-    resolve_canary_noise(cfg.canary_noise or default_canary_noise(task), rows, task)
 
 
 def _with_canaries(

@@ -15,7 +15,7 @@ import typer
 from rich.table import Table
 
 from infscope.cli import app, console
-from infscope.cli.options import Device, Dtype, Threads, column_options
+from infscope.cli.options import CanaryNoise, CanarySource, Device, Dtype, Threads, column_options
 from infscope.errors import InfscopeError
 
 
@@ -121,14 +121,8 @@ def clean_command(
         help="Add this fraction of seeded corrupted rows to every round so --method fusion calibrates "
         "on them (never acted on, never in outputs).",
     ),
-    canary_noise: str | None = typer.Option(
-        None,
-        "--canary-noise",
-        help="Noise of the canaries (default: response_swap, or label for classification).",
-    ),
-    canary_source: str = typer.Option(
-        "auto", "--canary-source", help="Rows the canaries copy: auto, validation or train (see `finetune`)."
-    ),
+    canary_noise: CanaryNoise = None,
+    canary_source: CanarySource = "auto",
     device: Device = "cpu",
     dtype: Dtype = "float32",
     undo: Path | None = typer.Option(

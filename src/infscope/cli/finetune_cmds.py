@@ -19,7 +19,7 @@ import typer
 from rich.table import Table
 
 from infscope.cli import app, console
-from infscope.cli.options import Device, Dtype, Threads, column_options
+from infscope.cli.options import CanaryNoise, CanarySource, Device, Dtype, Threads, column_options
 from infscope.data.training import find_manifest, load_training_data
 from infscope.models import ddp
 from infscope.models.config import FinetuneConfig, LoraSpec
@@ -106,19 +106,8 @@ def finetune_command(
         help="Share of extra canary rows: copies of your rows corrupted by infscope's noise, added before "
         "fine-tuning to calibrate detectors (`score --method fusion`); never shown in any output. 0 = none.",
     ),
-    canary_noise: str | None = typer.Option(
-        None,
-        "--canary-noise",
-        help="Noise of the canaries: response_swap, label, wrong_answer, a family or operator "
-        "(default: response_swap for instruction data, label for classification).",
-    ),
-    canary_source: str = typer.Option(
-        "auto",
-        "--canary-source",
-        help="Rows the canaries copy: validation (they then leave the validation set, so no clean twin "
-        "trains beside a canary, as with real noise), train (copies of training rows), or auto: "
-        "validation when half the validation rows stay, else train.",
-    ),
+    canary_noise: CanaryNoise = None,
+    canary_source: CanarySource = "auto",
     capture: str | None = typer.Option(
         None,
         "--capture",
@@ -137,11 +126,8 @@ def finetune_command(
     from infscope.models.registry import load_spec
     from infscope.noise.canaries import (
         add_canaries,
-        canary_count,
-        check_canary_source,
-        check_validation_left,
+        check_canary_setting,
         default_canary_noise,
-        resolve_canary_noise,
         without_canary_sources,
     )
     from infscope.runtime import set_threads
@@ -180,11 +166,7 @@ def finetune_command(
             response_only=not full_text,
         )
         if canaries:  # checked before the run directory is made: a bad canary setting writes nothing
-            check_canary_source(canary_source)
-            n_canaries = canary_count(canaries, len(split.train))
-            if canary_source == "validation":
-                check_validation_left(n_canaries, len(split.val))
-            resolve_canary_noise(canary_noise or default_canary_noise(split.task), split.train, split.task)
+            check_canary_setting(canaries, canary_noise, canary_source, split.train, split.val, split.task)
         manifest_path = find_manifest(data, manifest)
         record = RunRecord(
             kind="finetune",

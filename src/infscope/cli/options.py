@@ -1,4 +1,5 @@
-"""Options shared by several commands, defined once: the column-mapping flags and ``--threads``.
+"""Options shared by several commands, defined once: the column-mapping flags, ``--threads``, ``--device``,
+``--dtype`` and the canary flags.
 
 :func:`column_options` adds ``--instruction-col``, ``--output-col``, ... ``--messages-col`` to a
 command; the command receives one ``columns`` argument (a :class:`~infscope.data.columns.ColumnMap`
@@ -31,6 +32,23 @@ COLUMN_FLAGS: tuple[tuple[str, str, str], ...] = (
 
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or mps.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="Model dtype: float32, bfloat16 or float16.")]
+CanaryNoise = Annotated[
+    str | None,
+    typer.Option(
+        "--canary-noise",
+        help="Noise of the canaries: response_swap, label, wrong_answer, a family or operator "
+        "(default: response_swap for instruction data, label for classification).",
+    ),
+]
+CanarySource = Annotated[
+    str,
+    typer.Option(
+        "--canary-source",
+        help="Rows the canaries copy: validation (they then leave the validation set, so no clean twin "
+        "trains beside a canary, as with real noise), train (copies of training rows), or auto: "
+        "validation when half the validation rows stay, else train.",
+    ),
+]
 Threads = Annotated[
     int | None,
     typer.Option("--threads", help="CPU threads for torch (default: the cores other jobs leave idle)."),

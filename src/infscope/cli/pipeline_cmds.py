@@ -17,7 +17,7 @@ import typer
 from rich.table import Table
 
 from infscope.cli import app, console
-from infscope.cli.options import Device, Dtype, Threads, column_options
+from infscope.cli.options import CanaryNoise, CanarySource, Device, Dtype, Threads, column_options
 from infscope.data.manifest import read_manifest
 from infscope.errors import InfscopeError
 from infscope.pipeline_config import SCORE_CHECKPOINT_CHOICES, PipelineConfig
@@ -117,14 +117,8 @@ def demo_command(
         "--canaries",
         help="Share of canary rows (corrupted copies) to calibrate `fusion` and the checkpoint.",
     ),
-    canary_noise: str | None = typer.Option(
-        None, "--canary-noise", help="Noise of the canaries (see finetune)."
-    ),
-    canary_source: str = typer.Option(
-        PC["canary_source"],
-        "--canary-source",
-        help="Rows the canaries copy: validation or train (see finetune).",
-    ),
+    canary_noise: CanaryNoise = None,
+    canary_source: CanarySource = PC["canary_source"],
     threads: Threads = None,
     report: bool = typer.Option(True, "--report/--no-report", help="Write RUN/report.html at the end."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run made with other arguments."),

@@ -16,8 +16,8 @@ rows, or repeat the very edits, of ``infscope noise`` run with the same seed.
 **Where canaries come from.** A canary copied from a training row trains beside its clean twin, and
 a model that sees the same prompt with two answers shows a conflict no real noisy row has: detectors
 that measure the conflict (margins, AUM, the contrastive prompt margin) rank such canaries far higher
-than real noise, and the choice made on them is wrong. With ``source="validation"`` (the default of
-``infscope finetune``) canaries copy *validation* rows instead; those rows then leave the validation
+than real noise, and the choice made on them is wrong. With ``source="validation"`` canaries copy *validation* rows
+instead; those rows then leave the validation
 set of the run (no query, no checkpoint choice sees the clean twin), so each canary is, like real
 noise, the only version of its example the model ever sees. ``source="train"`` keeps the older
 behaviour, and ``source="auto"`` (the default) takes validation rows when the validation set keeps
@@ -325,6 +325,26 @@ def check_canary_source(source: str) -> None:
         raise InfscopeError(
             f"unknown canary source {source!r}; use {', '.join(SOURCES[:-1])} or {SOURCES[-1]}"
         )
+
+
+def check_canary_setting(
+    fraction: float,
+    noise: str | None,
+    source: str,
+    train: Sequence[Mapping[str, Any]],
+    val: Sequence[Mapping[str, Any]],
+    task: str,
+) -> None:
+    """Refuse, before anything is written, canaries that cannot be made for these rows.
+
+    Checks the source, the fraction, that validation-sourced canaries leave enough validation rows,
+    and that the noise (``None``: :func:`default_canary_noise`) applies to the data.
+    """
+    check_canary_source(source)
+    n_canaries = canary_count(fraction, len(train))
+    if source == "validation":
+        check_validation_left(n_canaries, len(val))
+    resolve_canary_noise(noise or default_canary_noise(task), train, task)
 
 
 def check_validation_left(n_canaries: int, n_validation: int) -> None:
